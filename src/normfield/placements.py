@@ -1,0 +1,279 @@
+"""Normalization placements as block recipes of primitive steps.
+
+A block is a tuple of primitive steps in single-assignment form: the block input is the register
+``"x"`` and the block output is the last step's ``dst``.  Both interpreters (the mean-field theory
+and the JAX probe) interpret these primitives; neither knows about placements.  Adding a placement
+is one constructor plus its registry entry.
+
+Primitives: `Norm` (LayerNorm or RMSNorm with a gain, per `Arch.norm`), `Linear`, `Activation`,
+`Product` (gated FFNs), `SelfAttention` (q, k, v projections and softmax mixing, per head,
+concatenated; the output projection is a separate `Linear` named ``attn.o``), `Scale` and `Add`
+(scaled residual sum ``alpha*a + beta*b``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
+from normfield.arch import GATED_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class Norm:
+    """``dst = norm(src) * gain``; parameters ``{name}.scale`` (and ``{name}.bias`` for
+    LayerNorm; both at their init values 1 and 0)."""
+
+    name: str
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``dst = src @ W (+ b)``; ``W`` has shape (width[fan_in], width[fan_out])."""
+
+    name: str
+    src: str
+    dst: str
+    fan_in: str = "d"
+    fan_out: str = "d"
+
+
+@dataclass(frozen=True)
+class Activation:
+    """``dst = phi(src)`` elementwise; ``phi`` is the Arch's (base) activation."""
+
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Product:
+    """``dst = a * b`` elementwise (the gate of SwiGLU / GeGLU, Shazeer 2020)."""
+
+    a: str
+    b: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class SelfAttention:
+    """Multi-head softmax attention without its output projection:
+    ``dst = concat_h softmax(q_h k_h^T / sqrt(d_head) + mask) v_h`` with ``q = src @ W_q`` etc.
+    (Vaswani et al. 2017, eq. 1); parameters ``attn.q attn.k attn.v``."""
+
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Scale:
+    """``dst = factor * src`` with a constant factor (e.g. LayerNorm Scaling's 1/sqrt(l))."""
+
+    src: str
+    dst: str
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Add:
+    """``dst = alpha * a + beta * b`` (residual connection; DeepNorm's alpha, branch scales)."""
+
+    a: str
+    b: str
+    dst: str
+    alpha: float = 1.0
+    beta: float = 1.0
+
+
+Step = Norm | Linear | Activation | Product | SelfAttention | Scale | Add
+CONSTANT_FIELDS = {Scale: ("factor",), Add: ("alpha", "beta")}
+
+
+def split_constants(steps: tuple) -> tuple[tuple, tuple[float, ...]]:
+    """Separate a block's numeric constants from its structure.
+
+    Returns ``(template, constants)``: the template has every constant set to 0.0, so blocks
+    that differ only by constants (layer-dependent scales) share one template and can be run by
+    one `lax.scan` with the constants as per-layer inputs.
+    """
+    template, constants = [], []
+    for step in steps:
+        names = CONSTANT_FIELDS.get(type(step), ())
+        constants.extend(float(getattr(step, n)) for n in names)
+        template.append(replace(step, **{n: 0.0 for n in names}))
+    return tuple(template), tuple(constants)
+
+
+def fill_constants(template: tuple, constants) -> list:
+    """Inverse of `split_constants`: yields steps whose constants come from `constants`
+    (floats or traced scalars), in order."""
+    out, k = [], 0
+    for step in template:
+        names = CONSTANT_FIELDS.get(type(step), ())
+        if names:
+            step = replace(step, **{n: constants[k + i] for i, n in enumerate(names)})
+            k += len(names)
+        out.append(step)
+    return out
+
+
+def step_params(step) -> tuple[str, ...]:
+    """Names of the weight parameters a step owns (biases and norm gains included)."""
+    if isinstance(step, Norm):
+        return (f"{step.name}.scale",)
+    if isinstance(step, Linear):
+        return (step.name,)
+    if isinstance(step, SelfAttention):
+        return ("attn.q", "attn.k", "attn.v")
+    return ()
+
+
+# ---- sublayer builders (shared by every placement) ---------------------------------------------
+def attention(src: str, dst: str) -> tuple:
+    """Self-attention sublayer: heads, then the output projection ``attn.o``."""
+    return (SelfAttention(src, f"{dst}.heads"), Linear("attn.o", f"{dst}.heads", dst))
+
+
+def ffn(arch, src: str, dst: str, inner_norm: str | None = None) -> tuple:
+    """Position-wise FFN ``phi(x W1) W2``; gated activations use ``(phi(x W1) * x W3) W2``;
+    `inner_norm` inserts a norm on the hidden activations (NormFormer's FFN LayerNorm)."""
+    steps = [Linear("ffn.w1", src, f"{dst}.pre", "d", "ff"), Activation(f"{dst}.pre", f"{dst}.act")]
+    hidden = f"{dst}.act"
+    if arch.activation in GATED_ACTIVATIONS:
+        steps += [Linear("ffn.w3", src, f"{dst}.lin", "d", "ff"),
+                  Product(f"{dst}.act", f"{dst}.lin", f"{dst}.gated")]
+        hidden = f"{dst}.gated"
+    if inner_norm:
+        steps.append(Norm(inner_norm, hidden, f"{dst}.normed"))
+        hidden = f"{dst}.normed"
+    steps.append(Linear("ffn.w2", hidden, dst, "ff", "d"))
+    return tuple(steps)
+
+
+# ---- placements --------------------------------------------------------------------------------
+def post_ln(arch, layer: int) -> tuple:
+    """Post-LN (Vaswani et al. 2017): ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``."""
+    return (*attention("x", "a"), Add("x", "a", "r1"), Norm("norm1", "r1", "h1"),
+            *ffn(arch, "h1", "f"), Add("h1", "f", "r2"), Norm("norm2", "r2", "out"))
+
+
+def pre_ln(arch, layer: int, branch_scale: float = 1.0, norm_scale: float = 1.0) -> tuple:
+    """Pre-LN (Xiong et al. 2020, arXiv 2002.04745): ``x = x + Attn(LN(x)); x = x + FFN(LN(x))``.
+
+    `branch_scale` multiplies each branch (residual scaling); `norm_scale` multiplies each
+    norm's output (LayerNorm Scaling)."""
+    return (Norm("norm1", "x", "n1"), Scale("n1", "h1", norm_scale), *attention("h1", "a"),
+            Add("x", "a", "r1", 1.0, branch_scale),
+            Norm("norm2", "r1", "n2"), Scale("n2", "h2", norm_scale), *ffn(arch, "h2", "f"),
+            Add("r1", "f", "out", 1.0, branch_scale))
+
+
+def peri_ln(arch, layer: int) -> tuple:
+    """Peri-LN (Kim et al. 2025, arXiv 2502.02732) = Sandwich-LN (Ding et al. 2021, CogView):
+    ``x = x + Norm(F(Norm(x)))`` for both sublayers."""
+    return (Norm("norm1", "x", "h1"), *attention("h1", "a"), Norm("norm1_out", "a", "an"),
+            Add("x", "an", "r1"), Norm("norm2", "r1", "h2"), *ffn(arch, "h2", "f"),
+            Norm("norm2_out", "f", "fn"), Add("r1", "fn", "out"))
+
+
+def normformer(arch, layer: int) -> tuple:
+    """NormFormer (Shleifer et al. 2021, arXiv 2110.09456): Pre-LN plus a norm after attention
+    (``attn_norm``) and a norm after the FFN activation (``ffn_norm``).  The head-wise scales
+    are 1 at initialization and are not modelled as parameters."""
+    return (Norm("norm1", "x", "h1"), *attention("h1", "a"), Norm("attn_norm", "a", "an"),
+            Add("x", "an", "r1"), Norm("norm2", "r1", "h2"),
+            *ffn(arch, "h2", "f", inner_norm="ffn_norm"), Add("r1", "f", "out"))
+
+
+def deepnorm(arch, layer: int) -> tuple:
+    """DeepNorm (Wang et al. 2022, arXiv 2203.00555): ``x = LN(alpha x + F(x))``; the default
+    alpha = (2N)^(1/4) is the encoder-only rule (N = depth); beta-scaled init in `init_gains`."""
+    alpha = arch.option("alpha", (2.0 * arch.depth) ** 0.25)
+    return (*attention("x", "a"), Add("x", "a", "r1", alpha, 1.0), Norm("norm1", "r1", "h1"),
+            *ffn(arch, "h1", "f"), Add("h1", "f", "r2", alpha, 1.0), Norm("norm2", "r2", "out"))
+
+
+def deepnorm_gains(arch) -> dict[str, float]:
+    """DeepNet's Xavier gain beta = (8N)^(-1/4) on the FFN, value and output projections
+    (encoder-only rule; Wang et al. 2022, Table / Algorithm 1)."""
+    beta = arch.option("beta", (8.0 * arch.depth) ** -0.25)
+    return {g: beta for g in ("ffn.w1", "ffn.w2", "ffn.w3", "attn.v", "attn.o")}
+
+
+def mix_ln(arch, layer: int) -> tuple:
+    """Mix-LN (Li et al. 2024, arXiv 2412.13795): the first floor(fraction * depth) layers
+    Post-LN, the rest Pre-LN (fraction 0.25 by default)."""
+    n_post = math.floor(arch.option("post_fraction", 0.25) * arch.depth)
+    return post_ln(arch, layer) if layer < n_post else pre_ln(arch, layer)
+
+
+def layernorm_scaling(arch, layer: int) -> tuple:
+    """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth", arXiv 2502.05795):
+    ``x = x + F(LN(x) / sqrt(l))`` with l = layer index + 1."""
+    return pre_ln(arch, layer, norm_scale=1.0 / math.sqrt(layer + 1))
+
+
+def scaled_pre_ln(arch, layer: int) -> tuple:
+    """Pre-LN with each residual branch multiplied by a constant (default 1/sqrt(2 * depth),
+    the scaling of GPT-2's residual projections applied to the branch; ReZero-style alpha
+    (Bachlechner et al. 2021) with option ``branch_scale``)."""
+    return pre_ln(arch, layer, branch_scale=arch.option("branch_scale", 1.0 / math.sqrt(2.0 * arch.depth)))
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    name: str
+    block: Callable
+    final_norm: bool
+    options: tuple[str, ...] = ()
+    init_gains: Callable | None = None
+
+
+PLACEMENTS = {
+    "post": PlacementSpec("post", post_ln, final_norm=False),
+    "pre": PlacementSpec("pre", pre_ln, final_norm=True),
+    "peri": PlacementSpec("peri", peri_ln, final_norm=True),
+    "normformer": PlacementSpec("normformer", normformer, final_norm=True),
+    "deepnorm": PlacementSpec("deepnorm", deepnorm, final_norm=False, options=("alpha", "beta"),
+                              init_gains=deepnorm_gains),
+    "mixln": PlacementSpec("mixln", mix_ln, final_norm=True, options=("post_fraction",)),
+    "lns": PlacementSpec("lns", layernorm_scaling, final_norm=True),
+    "scaled_pre": PlacementSpec("scaled_pre", scaled_pre_ln, final_norm=True,
+                                options=("branch_scale",)),
+}
+
+
+def placement_spec(name: str) -> PlacementSpec:
+    if name not in PLACEMENTS:
+        raise ValueError(f"invalid placement={name!r}: expected one of "
+                         + ", ".join(repr(p) for p in PLACEMENTS))
+    return PLACEMENTS[name]
+
+
+def check_placement(name: str, options) -> None:
+    spec = placement_spec(name)
+    for key, value in options:
+        if key not in spec.options:
+            valid = ", ".join(spec.options) or "none"
+            raise ValueError(f"invalid placement option {key!r} for placement {name!r}: "
+                             f"valid options: {valid}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"invalid placement option {key}={value!r}: expected a finite number >= 0")
+
+
+def block(arch, layer: int) -> tuple:
+    """The primitive steps of block `layer` (0 = nearest the input) of `arch`."""
+    return placement_spec(arch.placement).block(arch, layer)
+
+
+def layer_params(arch) -> tuple[str, ...]:
+    """Parameter names of one block, in recipe order (every block of a stack has the same set)."""
+    names: list[str] = []
+    for step in block(arch, 0):
+        names.extend(n for n in step_params(step) if n not in names)
+    if arch.bias:
+        names.extend(f"{n}.bias" for n in list(names) if not n.endswith(".scale"))
+    return tuple(names)

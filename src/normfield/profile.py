@@ -1,0 +1,123 @@
+"""`GradProfile`: the one result type of theory and probe.
+
+For every parameter name (canonical, shared by both sides: ``attn.q attn.k attn.v attn.o ffn.w1
+ffn.w2 ffn.w3 norm1.scale ...`` per layer, and ``embed.tok embed.pos head.out final_norm.scale``
+once) it holds ``sqrt(E ||dL/dW||_F^2)``: predicted by the theory, or measured as
+``sqrt(mean over seeds of ||dL/dW||_F^2)`` with its standard error (delta method) and the per-seed
+squared norms.  Per-layer arrays have length ``depth`` (index 0 = block nearest the input);
+non-layer parameters have length 1.
+
+Forward statistics (`activations`) are given at the residual-stream points 0..depth (0 = the
+embedding output, l = the output of block l):
+``sq_norm`` = E||x||^2 / d, ``cos_within`` = mean cosine between distinct tokens of one sequence,
+``cos_across`` = mean cosine between tokens of different sequences (NaN when batch_size = 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from normfield.arch import Arch
+
+ACTIVATION_KEYS = ("sq_norm", "cos_within", "cos_across")
+
+
+def _arrays(d: dict | None) -> dict | None:
+    if d is None:
+        return None
+    return {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
+
+
+def _lists(d: dict | None) -> dict | None:
+    if d is None:
+        return None
+    return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in d.items()}
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class GradProfile:
+    arch: Arch
+    source: str  # "theory" or "probe"
+    grads: dict[str, np.ndarray]
+    activations: dict[str, np.ndarray]
+    stderr: dict[str, np.ndarray] | None = None
+    per_seed_sq: dict[str, np.ndarray] | None = None
+    activations_stderr: dict[str, np.ndarray] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.grads = _arrays(self.grads)
+        self.activations = _arrays(self.activations)
+        self.stderr = _arrays(self.stderr)
+        self.per_seed_sq = _arrays(self.per_seed_sq)
+        self.activations_stderr = _arrays(self.activations_stderr)
+
+    # ---- access ------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.grads)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.grads:
+            raise KeyError(f"no parameter {name!r} in this profile; it has: {', '.join(self.grads)}")
+        return self.grads[name]
+
+    def layer_names(self) -> list[str]:
+        from normfield.placements import layer_params
+
+        return [n for n in layer_params(self.arch) if n in self.grads]
+
+    def to_rows(self) -> list[dict]:
+        """One dict per (parameter, layer): ``name, layer, grad_norm, stderr, source``;
+        ``layer`` is None for non-layer parameters.  Ready for ``csv.DictWriter`` or pandas."""
+        layered = set(self.layer_names())
+        rows = []
+        for name, values in self.grads.items():
+            errs = self.stderr.get(name) if self.stderr else None
+            for i, v in enumerate(values):
+                rows.append({"name": name, "layer": i if name in layered else None,
+                             "grad_norm": float(v),
+                             "stderr": float(errs[i]) if errs is not None else None,
+                             "source": self.source})
+        return rows
+
+    # ---- (de)serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"arch": self.arch.to_dict(), "source": self.source, "grads": _lists(self.grads),
+                "activations": _lists(self.activations), "stderr": _lists(self.stderr),
+                "per_seed_sq": _lists(self.per_seed_sq),
+                "activations_stderr": _lists(self.activations_stderr), "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GradProfile":
+        data = dict(data)
+        return cls(arch=Arch.from_dict(data.pop("arch")), **data)
+
+    def save(self, path: str) -> None:
+        """Save as JSON (no pickle), atomically.  NaN is written as JSON ``NaN``."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str) -> "GradProfile":
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh))
