@@ -28,6 +28,7 @@ class Norm:
     name: str
     src: str
     dst: str
+    width: str = "d"
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def ffn(arch, src: str, dst: str, inner_norm: str | None = None) -> tuple:
                   Product(f"{dst}.act", f"{dst}.lin", f"{dst}.gated")]
         hidden = f"{dst}.gated"
     if inner_norm:
-        steps.append(Norm(inner_norm, hidden, f"{dst}.normed"))
+        steps.append(Norm(inner_norm, hidden, f"{dst}.normed", "ff"))
         hidden = f"{dst}.normed"
     steps.append(Linear("ffn.w2", hidden, dst, "ff", "d"))
     return tuple(steps)
@@ -269,11 +270,22 @@ def block(arch, layer: int) -> tuple:
     return placement_spec(arch.placement).block(arch, layer)
 
 
-def layer_params(arch) -> tuple[str, ...]:
-    """Parameter names of one block, in recipe order (every block of a stack has the same set)."""
-    names: list[str] = []
+def layer_param_shapes(arch) -> dict[str, tuple[int, ...]]:
+    """Parameter names of one block in recipe order, with their shapes (every block of a stack
+    has the same set; biases only when ``arch.bias``)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for step in block(arch, 0):
-        names.extend(n for n in step_params(step) if n not in names)
+        if isinstance(step, Norm):
+            shapes[f"{step.name}.scale"] = (arch.width(step.width),)
+        for name in step_params(step):
+            if not name.endswith(".scale"):
+                shapes[name] = arch.shape(name)
     if arch.bias:
-        names.extend(f"{n}.bias" for n in list(names) if not n.endswith(".scale"))
-    return tuple(names)
+        for name in [n for n in shapes if not n.endswith(".scale")]:
+            shapes[f"{name}.bias"] = (arch.shape(name)[1],)
+    return shapes
+
+
+def layer_params(arch) -> tuple[str, ...]:
+    """Parameter names of one block, in recipe order."""
+    return tuple(layer_param_shapes(arch))

@@ -1,0 +1,35 @@
+"""The data side shared by theory and probe: token distribution and positional tables.
+
+Tokens and targets are iid over positions and sequences, drawn from `token_probs(arch)`:
+uniform over the vocabulary (default) or Zipfian, ``p_v ∝ (v + 1)^-s``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def token_probs(arch) -> np.ndarray:
+    """Probabilities of the vocabulary's tokens (float64, sums to 1)."""
+    if arch.tokens == "uniform":
+        return np.full(arch.vocab_size, 1.0 / arch.vocab_size)
+    weights = (np.arange(arch.vocab_size) + 1.0) ** -arch.zipf_exponent
+    return weights / weights.sum()
+
+
+def collision_prob(arch) -> float:
+    """P(two independent tokens are equal) = sum_v p_v^2 (1/V for uniform tokens)."""
+    p = token_probs(arch)
+    return float(np.sum(p * p))
+
+
+def sinusoidal_positions(seq_len: int, d_model: int) -> np.ndarray:
+    """Vaswani et al. 2017, section 3.5: PE[t, 2i] = sin(t / 10000^(2i/d)),
+    PE[t, 2i+1] = cos(t / 10000^(2i/d)); shape (seq_len, d_model), float64."""
+    t = np.arange(seq_len, dtype=np.float64)[:, None]
+    i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]
+    angle = t / 10000.0 ** (i / d_model)
+    table = np.zeros((seq_len, d_model))
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle)[:, : d_model // 2]
+    return table

@@ -1,0 +1,128 @@
+"""Measure per-layer weight-gradient norms of an `Arch` on many random seeds at once.
+
+Each seed draws its own parameters, tokens and targets.  All seeds of a chunk run in one
+``jit(vmap(...))``; squared Frobenius norms are reduced on device, so only (seeds, depth)
+arrays come back.  With several local devices the seed axis is sharded over them
+(``jax.sharding``); on CPU this can be tried with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from normfield.arch import check_choice, check_int
+from normfield.data import token_probs
+from normfield.probe.model import PRECISIONS, loss_fn, init_params
+from normfield.profile import ACTIVATION_KEYS, GradProfile
+
+MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default"}
+
+
+class NonFiniteGradientError(ArithmeticError):
+    """A measured gradient norm is NaN or infinite."""
+
+
+def sample_batch(arch, key):
+    """Tokens and targets (batch, seq), iid from `token_probs(arch)`."""
+    k_tok, k_tgt = jax.random.split(key)
+    logits = jnp.log(jnp.asarray(token_probs(arch), jnp.float32))
+    shape = (arch.batch_size, arch.seq_len)
+    if arch.tokens == "uniform":
+        draw = lambda k: jax.random.randint(k, shape, 0, arch.vocab_size)
+    else:
+        draw = lambda k: jax.random.categorical(k, logits, shape=shape)
+    return draw(k_tok), draw(k_tgt)
+
+
+def _squared_norms(grads) -> dict:
+    out = {n: jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for n, g in grads["layers"].items()}
+    for name, g in grads.items():
+        if name != "layers":
+            out[name] = jnp.sum(g * g)[None]
+    return out
+
+
+def one_seed(arch, precision, key):
+    """Per-parameter squared gradient norms and stream statistics for one seed."""
+    k_param, k_data = jax.random.split(key)
+    params = init_params(arch, k_param)
+    tokens, targets = sample_batch(arch, k_data)
+    grads, stats = jax.grad(partial(loss_fn, arch), has_aux=True)(params, tokens, targets, precision)
+    return _squared_norms(grads), stats
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _run_chunk(arch, precision, keys):
+    return jax.vmap(partial(one_seed, arch, precision))(keys)
+
+
+def _shard(keys):
+    devices = jax.local_devices()
+    if len(devices) > 1 and keys.shape[0] % len(devices) == 0:
+        mesh = Mesh(np.asarray(devices), ("seeds",))
+        return jax.device_put(keys, NamedSharding(mesh, PartitionSpec("seeds")))
+    return keys
+
+
+def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
+                       chunk: int | None = None) -> GradProfile:
+    """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
+
+    Args:
+      seeds: number of independent initializations (each with its own data).
+      key: integer seed of the whole measurement (same key, same numbers).
+      precision: ``"float32"`` (full-precision matmuls), ``"tf32"`` or ``"bfloat16"``
+        (bf16 operands, float32 accumulation).
+      chunk: seeds per compiled call (default: all at once); lower it to save memory.
+    Raises:
+      ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
+      a gradient is NaN or infinite (never averaged away).
+    """
+    check_int("seeds", seeds, 1)
+    check_int("key", key, 0)
+    check_choice("precision", precision, PRECISIONS)
+    chunk = seeds if chunk is None else chunk
+    check_int("chunk", chunk, 1)
+    keys = jax.random.split(jax.random.PRNGKey(key), seeds)
+    sq_parts, stat_parts = [], []
+    start = time.perf_counter()
+    with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
+        for lo in range(0, seeds, chunk):
+            sq, stats = _run_chunk(arch, precision, _shard(keys[lo:lo + chunk]))
+            sq_parts.append(jax.device_get(sq))
+            stat_parts.append(jax.device_get(stats))
+    elapsed = time.perf_counter() - start
+    per_seed = {n: np.concatenate([p[n] for p in sq_parts]).astype(np.float64) for n in sq_parts[0]}
+    stats = np.concatenate(stat_parts).astype(np.float64)  # (seeds, depth + 1, 3)
+    for name, values in per_seed.items():
+        bad = np.argwhere(~np.isfinite(values))
+        if bad.size:
+            seed, layer = bad[0]
+            raise NonFiniteGradientError(
+                f"non-finite gradient norm of {name!r} (layer {layer}) at seed {seed} "
+                f"of key={key}; {len(bad)} entries affected")
+    grads, stderr = {}, {}
+    for name, sq in per_seed.items():
+        mean = sq.mean(axis=0)
+        se_mean = sq.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.full_like(mean, np.nan)
+        grads[name] = np.sqrt(mean)
+        stderr[name] = se_mean / (2.0 * np.sqrt(np.maximum(mean, 1e-300)))  # delta method
+    acts = {k: stats[:, :, i].mean(axis=0) for i, k in enumerate(ACTIVATION_KEYS)}
+    acts_se = {k: (stats[:, :, i].std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1
+                   else np.full(arch.depth + 1, np.nan)) for i, k in enumerate(ACTIVATION_KEYS)}
+    if arch.batch_size == 1:
+        acts["cos_across"] = np.full(arch.depth + 1, np.nan)
+    meta = {"seeds": seeds, "key": key, "precision": precision, "jax_version": jax.__version__,
+            "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),
+            "platform": platform.platform(), "seconds": elapsed,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return GradProfile(arch=arch, source="probe", grads=grads, stderr=stderr, per_seed_sq=per_seed,
+                       activations=acts, activations_stderr=acts_se, meta=meta)

@@ -1,0 +1,217 @@
+"""The JAX interpreter of an `Arch`: parameters stacked over layers, one `lax.scan` per run of
+structurally identical blocks, mean cross-entropy loss.
+
+Layout: ``params = {"layers": {name: array (depth, ...)}, "embed.tok": (V, d), ...}``; weights in
+the ``y = x @ W`` orientation.  Activations are ``(batch, seq, width)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normfield.arch import GATED_ACTIVATIONS
+from normfield.data import sinusoidal_positions
+from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale, SelfAttention,
+                                  block, fill_constants, layer_param_shapes,
+                                  split_constants)
+
+PRECISIONS = ("float32", "tf32", "bfloat16")
+_ACT = {
+    "relu": jax.nn.relu,
+    "gelu": lambda u: jax.nn.gelu(u, approximate=False),
+    "gelu_tanh": lambda u: jax.nn.gelu(u, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def activation_fn(arch):
+    return _ACT[GATED_ACTIVATIONS.get(arch.activation, arch.activation)]
+
+
+# ---- parameters --------------------------------------------------------------------------------
+def _sample(key, shape, init):
+    if init.std == 0.0:
+        return jnp.zeros(shape, jnp.float32)
+    if init.dist == "uniform":
+        half = math.sqrt(3.0) * init.std
+        return jax.random.uniform(key, shape, jnp.float32, -half, half)
+    return init.std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _group(name: str) -> str:
+    return name[: -len(".bias")] if name.endswith(".bias") else name
+
+
+def _init_one(arch, name: str, shape, key):
+    if name.endswith(".scale"):
+        return jnp.ones(shape, jnp.float32)
+    init = arch.bias_init(_group(name)) if name.endswith(".bias") else arch.param_init(name)
+    return _sample(key, shape, init)
+
+
+def global_params(arch) -> tuple[str, ...]:
+    """Names of the non-layer parameters of `arch`."""
+    names = ["embed.tok"]
+    if arch.positions == "learned":
+        names.append("embed.pos")
+    if arch.has_final_norm:
+        names.append("final_norm.scale")
+    if not arch.tied_head:
+        names.append("head.out")
+    return tuple(names)
+
+
+def init_params(arch, key) -> dict:
+    """Random parameters of `arch` (float32); per-layer parameters stacked on a leading axis."""
+    shapes = layer_param_shapes(arch)
+    layer_key, global_key = jax.random.split(key)
+    keys = jax.random.split(layer_key, arch.depth * len(shapes)).reshape(arch.depth, len(shapes), -1)
+
+    def one_layer(layer_keys):
+        return {n: _init_one(arch, n, shape, layer_keys[i])
+                for i, (n, shape) in enumerate(shapes.items())}
+
+    params = {"layers": jax.vmap(one_layer)(keys)}
+    names = global_params(arch)
+    gkeys = jax.random.split(global_key, len(names))
+    for i, name in enumerate(names):
+        shape = (arch.d_model,) if name.endswith(".scale") else arch.shape(name)
+        params[name] = _init_one(arch, name, shape, gkeys[i])
+    return params
+
+
+# ---- primitives --------------------------------------------------------------------------------
+def _matmul(x, w, precision: str):
+    if precision == "bfloat16":
+        return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                          preferred_element_type=jnp.float32)
+    return jnp.matmul(x, w)
+
+
+def _norm(arch, x, scale):
+    if arch.norm == "layernorm":
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + arch.norm_eps)
+    return x * inv * scale
+
+
+def _linear(p, name, x, precision):
+    y = _matmul(x, p[name], precision)
+    return y + p[name + ".bias"] if name + ".bias" in p else y
+
+
+def _attention(arch, p, x, precision):
+    b, n, d = x.shape
+    heads = lambda name: _linear(p, name, x, precision).reshape(b, n, arch.n_heads, arch.d_head)
+    q, k, v = heads("attn.q"), heads("attn.k"), heads("attn.v")
+    if precision == "bfloat16":
+        q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(arch.d_head)
+    if arch.mask == "causal":
+        logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if precision == "bfloat16":
+        weights, v = weights.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, d)
+
+
+def apply_steps(arch, steps, p, x, precision="float32"):
+    """Run one block's primitive steps on ``x`` (batch, seq, d); returns the block output."""
+    env = {"x": x}
+    phi = activation_fn(arch)
+    for s in steps:
+        if isinstance(s, Norm):
+            env[s.dst] = _norm(arch, env[s.src], p[s.name + ".scale"])
+        elif isinstance(s, Linear):
+            env[s.dst] = _linear(p, s.name, env[s.src], precision)
+        elif isinstance(s, Activation):
+            env[s.dst] = phi(env[s.src])
+        elif isinstance(s, Product):
+            env[s.dst] = env[s.a] * env[s.b]
+        elif isinstance(s, SelfAttention):
+            env[s.dst] = _attention(arch, p, env[s.src], precision)
+        elif isinstance(s, Scale):
+            env[s.dst] = s.factor * env[s.src]
+        elif isinstance(s, Add):
+            env[s.dst] = s.alpha * env[s.a] + s.beta * env[s.b]
+        else:  # pragma: no cover - the recipe types are closed
+            raise TypeError(f"unknown step {s!r}")
+    return env[steps[-1].dst]
+
+
+# ---- forward statistics ------------------------------------------------------------------------
+def stream_stats(x):
+    """(E||x||^2/d, mean within-sequence cosine over distinct tokens, mean cross-sequence cosine)
+    of a residual-stream tensor (batch, seq, d)."""
+    b, n, d = x.shape
+    sq = jnp.sum(x * x, axis=-1)
+    unit = x * jax.lax.rsqrt(sq)[..., None]
+    per_seq = jnp.sum(unit, axis=1)  # (b, d)
+    within_sum = jnp.sum(per_seq * per_seq)
+    total = jnp.sum(per_seq, axis=0)
+    cos_within = (within_sum - b * n) / (b * n * max(n - 1, 1))
+    cos_across = (jnp.sum(total * total) - within_sum) / (b * max(b - 1, 1) * n * n)
+    return jnp.stack([jnp.mean(sq) / d, cos_within, cos_across])
+
+
+# ---- the whole network -------------------------------------------------------------------------
+def segments(arch) -> list[tuple[int, int, tuple, np.ndarray]]:
+    """Runs of consecutive layers with the same block template:
+    ``(start, stop, template, constants (stop - start, n_constants))``."""
+    runs: list = []
+    for layer in range(arch.depth):
+        template, consts = split_constants(block(arch, layer))
+        if runs and runs[-1][2] == template:
+            runs[-1][1] = layer + 1
+            runs[-1][3].append(consts)
+        else:
+            runs.append([layer, layer + 1, template, [consts]])
+    return [(a, b, t, np.asarray(c, np.float32).reshape(b - a, -1)) for a, b, t, c in runs]
+
+
+def embed(arch, params, tokens):
+    x = arch.embed_scale * params["embed.tok"][tokens]
+    if arch.positions == "sinusoidal":
+        x = x + jnp.asarray(sinusoidal_positions(arch.seq_len, arch.d_model), jnp.float32)
+    elif arch.positions == "learned":
+        x = x + params["embed.pos"]
+    return x
+
+
+def forward(arch, params, tokens, precision="float32", unroll=False):
+    """Logits (batch, seq, vocab) and stream statistics (depth + 1, 3)."""
+    x = embed(arch, params, tokens)
+    stats = [stream_stats(x)[None]]
+    for start, stop, template, consts in segments(arch):
+        layer_p = jax.tree_util.tree_map(lambda a: a[start:stop], params["layers"])
+
+        def body(h, xs):
+            p, c = xs
+            h = apply_steps(arch, fill_constants(template, c), p, h, precision)
+            return h, stream_stats(h)
+
+        if unroll:
+            for i in range(stop - start):
+                x, s = body(x, jax.tree_util.tree_map(lambda a: a[i], (layer_p, consts)))
+                stats.append(s[None])
+        else:
+            x, s = jax.lax.scan(body, x, (layer_p, jnp.asarray(consts)))
+            stats.append(s)
+    if arch.has_final_norm:
+        x = _norm(arch, x, params["final_norm.scale"])
+    head = params["embed.tok"].T if arch.tied_head else params["head.out"]
+    return _matmul(x, head, precision), jnp.concatenate(stats, axis=0)
+
+
+def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False):
+    """Mean cross-entropy over all batch_size * seq_len positions; aux = stream statistics."""
+    logits, stats = forward(arch, params, tokens, precision, unroll)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
+    return jnp.mean(nll), stats
