@@ -50,8 +50,8 @@ __all__ = ["pair_moments"]
 _METHODS = ("analytic", "mc")
 
 # standardized-logit trapezoid grid for per-entry expectations
-_ZH = 0.25
-_Z = np.arange(-9.0, 9.0 + 1e-9, _ZH)
+_ZH = 0.5
+_Z = np.arange(-8.5, 8.5 + 1e-9, _ZH)
 _ZW = np.exp(-0.5 * _Z**2) * _ZH / np.sqrt(2.0 * np.pi)
 _ZW = _ZW / _ZW.sum()
 
@@ -148,51 +148,181 @@ def _mc_moments(n1, n2, v1, v2, rho, samples=4096, seed=0, chunk=None):
 # Double-Laplace quadrature (exact up to quadrature error)
 # ---------------------------------------------------------------------------
 
-def _quad_moments(n1, n2, v1, v2, rho, h=0.6, tail=18.0):
-    """T1, Q for arrays n1, n2 (same shape) at scalar v1, v2, rho."""
-    n1 = np.asarray(n1, dtype=np.float64).ravel()
-    n2 = np.asarray(n2, dtype=np.float64).ravel()
+def _grid(nmax, v, h, tail):
+    s = np.sqrt(v)
+    lo = -(np.log(nmax) + 0.5 * v + 6.0 * s + tail)
+    hi = 7.0 * s + 4.0
+    return np.arange(lo, hi + h, h)
+
+
+def _entry_transforms(v1, v2, rho, x, y):
+    """Per-entry Laplace transforms on the (log s, log t) grid.
+
+    Returns L = log G00 (X, Y), M = log psi (Y,), and the stacked weights
+    W (5, X, Y) = (J G11, J s G21, J t G12, J s t G22, J s t G11^2 / G00), with
+    J = s t (Jacobian of the log grid, without the step factors).
+
+    Uses the symmetric factor decomposition a = s1 (sqrt|rho| u + sqrt(1-|rho|) w1),
+    b = s2 (sign(rho) sqrt|rho| u + sqrt(1-|rho|) w2), so the bivariate
+    expectation is a matrix product over the shared factor u.
+    """
     s1, s2 = np.sqrt(v1), np.sqrt(v2)
-    c = np.sqrt(max(0.0, 1.0 - rho * rho))
-    # log-s and log-t grids
-    def grid(nmax, v, s):
-        lo = -(np.log(nmax) + 0.5 * v + 6.0 * s + tail)
-        hi = 7.0 * s + 4.0
-        return np.arange(lo, hi + h, h)
-    x = grid(n1.max(), v1, s1)
-    y = grid(n2.max(), v2, s2)
-    a = s1 * _Z                                  # (I,)
-    bm = s2 * rho * _Z                           # conditional mean of b given a
-    bk = bm[:, None] + s2 * c * _Z[None, :]      # (I, K)
-    Ey = np.exp(-np.exp(y[None, None, :] + bk[:, :, None]))   # (I, K, Y)
-    eb = np.exp(bk)
-    wK = _ZW[None, :, None]
-    H0 = np.sum(wK * Ey, axis=1)                 # (I, Y)
-    H1 = np.sum(wK * eb[:, :, None] * Ey, axis=1)
-    H2 = np.sum(wK * (eb * eb)[:, :, None] * Ey, axis=1)
-    Ex = np.exp(-np.exp(x[:, None] + a[None, :])) * _ZW[None, :]   # (X, I)
-    ea = np.exp(a)[None, :]
-    E0, E1, E2 = Ex, Ex * ea, Ex * ea * ea
-    G00 = E0 @ H0
-    G11 = E1 @ H1
-    G21 = E2 @ H1
-    G12 = E1 @ H2
-    G22 = E2 @ H2
-    # marginal of b alone
-    psi = np.exp(-np.exp(y[None, :] + s2 * _Z[:, None])).T @ _ZW   # (Y,)
-    L = np.log(G00)
-    M = np.log(psi)
+    r = abs(rho)
+    sg = 1.0 if rho >= 0 else -1.0
+    cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
+    z, wz = _Z, _ZW
+    a = s1 * (cu * z[:, None] + cw * z[None, :])          # (U, W)
+    b = s2 * (sg * cu * z[:, None] + cw * z[None, :])
+    def cond(grid, logit):
+        e = np.exp(logit)
+        K = np.exp(-np.exp(grid)[:, None, None] * e[None])  # (X, U, W)
+        F0 = K @ wz                                        # (X, U)
+        F1 = (K * e) @ wz
+        F2 = (K * (e * e)) @ wz
+        return F0, F1, F2
+    A0, A1, A2 = cond(x, a)
+    B0, B1, B2 = cond(y, b)
+    A0w, A1w, A2w = A0 * wz, A1 * wz, A2 * wz
+    G00 = A0w @ B0.T
+    G11 = A1w @ B1.T
+    G21 = A2w @ B1.T
+    G12 = A1w @ B2.T
+    G22 = A2w @ B2.T
+    psi = np.exp(-np.exp(y)[:, None] * np.exp(s2 * z)[None, :]) @ wz
     S = np.exp(x)[:, None]
     T = np.exp(y)[None, :]
-    J = S * T * h * h
-    # (n, X, Y) products
-    P = np.exp((n1 - 1.0)[:, None, None] * L[None] + (n2 - n1)[:, None, None] * M[None, None, :])
+    J = S * T
     W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22,
-                  J * S * T * G11 * G11 / G00])          # (5, X, Y)
-    R = np.einsum("nxy,kxy->kn", P, W)
-    T1 = n1 * R[0]
-    Q = T1 - n1 * (R[1] + R[2]) + n1 * R[3] + n1 * (n1 - 1.0) * R[4]
+                  J * S * T * G11 * G11 / G00])
+    return np.log(G00), np.log(psi), W
+
+
+def _contract(L, M, W, n1, n2, h):
+    """Moment sums for (possibly non-integer) arrays n1 (N1,) and d = n2 - n1 grid.
+
+    n1: (N1,), n2: (N1, N2) -> T1, Q of shape (N1, N2).
+    """
+    P = np.exp((n1 - 1.0)[:, None, None] * L[None])          # (N1, X, Y)
+    U = np.einsum("nxy,kxy->nky", P, W)                       # (N1, 5, Y)
+    D = np.exp((n2 - n1[:, None])[:, :, None] * M[None, None, :])   # (N1, N2, Y)
+    R = np.einsum("nmy,nky->knm", D, U) * (h * h)
+    n1c = n1[:, None]
+    T1 = n1c * R[0]
+    Q = T1 - n1c * (R[1] + R[2]) + n1c * R[3] + n1c * (n1c - 1.0) * R[4]
     return T1, Q
+
+
+def _quad_moments(n1, n2, v1, v2, rho, h=0.6, tail=18.0):
+    """T1, Q for arrays n1, n2 (same shape) at scalar v1, v2, rho (reference quadrature)."""
+    n1 = np.asarray(n1, dtype=np.float64).ravel()
+    n2 = np.asarray(n2, dtype=np.float64).ravel()
+    x = _grid(n1.max(), v1, h, tail)
+    y = _grid(n2.max(), v2, h, tail)
+    L, M, W = _entry_transforms(v1, v2, rho, x, y)
+    T = np.empty(n1.size); Q = np.empty(n1.size)
+    for i in range(n1.size):
+        t, q = _contract(L, M, W, n1[i:i + 1], n2[i:i + 1, None], h)
+        T[i], Q[i] = t[0, 0], q[0, 0]
+    return T, Q
+
+
+# resolution of the analytic method
+_QUAD_H = 0.6       # trapezoid step in (log s, log t)
+_QUAD_TAIL = 14.0   # e-folds kept below the bulk of the (log s, log t) integrand
+_N_RHO = 13         # Chebyshev-Lobatto nodes in rho (on [0, 1], or [-1, 1] if any rho < 0)
+
+
+def _bucket(n):
+    """Round a size up to a power of two (>= 4) so cached transforms are reused."""
+    return int(max(4, 1 << int(np.ceil(np.log2(max(n, 1.0)) - 1e-9))))
+
+
+def _rho_nodes(rho_lo):
+    k = np.arange(_N_RHO)
+    t = np.cos(np.pi * k / (_N_RHO - 1))[::-1]         # -1 .. 1, includes 0
+    nodes = rho_lo + (1.0 - rho_lo) * (t + 1.0) / 2.0
+    nodes[0], nodes[-1] = rho_lo, 1.0
+    bw = (-1.0) ** k
+    bw[0] *= 0.5
+    bw[-1] *= 0.5
+    return nodes, bw
+
+
+@functools.lru_cache(maxsize=32)
+def _transforms(v1, v2, n1max, n2max, rho_lo):
+    """(L, M, W) on the (log s, log t) grid for every rho node (cached)."""
+    x = _grid(n1max, v1, _QUAD_H, _QUAD_TAIL)
+    y = _grid(n2max, v2, _QUAD_H, _QUAD_TAIL)
+    nodes, _ = _rho_nodes(rho_lo)
+    out = []
+    for r in nodes:
+        L, M, W = _entry_transforms(v1, v2, float(r), x, y)
+        for arr in (L, M, W):
+            arr.flags.writeable = False
+        out.append((L, M, W))
+    return tuple(out)
+
+
+def _barycentric(r, rho_lo):
+    """Interpolation matrix (len(r), _N_RHO) for Chebyshev-Lobatto nodes."""
+    nodes, bw = _rho_nodes(rho_lo)
+    d = r[:, None] - nodes[None, :]
+    hit = d == 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = bw[None, :] / d
+        c = c / c.sum(axis=1, keepdims=True)
+    rows = hit.any(axis=1)
+    c[rows] = hit[rows].astype(np.float64)
+    return c
+
+
+def _analytic(n1, n2, v1, v2, rho):
+    T = 1.0 / n2
+    Q = (1.0 - 1.0 / n1) / n2
+    live = ((v1 > 0) | (v2 > 0)) & (n2 > 1)
+    if not np.any(live):
+        return T, Q
+    idx = np.flatnonzero(live)
+    keys = np.stack([v1[idx], v2[idx]], axis=1)
+    ukeys, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(ukeys.shape[0] + 1))
+    for g in range(ukeys.shape[0]):
+        sel = idx[order[bounds[g]:bounds[g + 1]]]
+        a, b, r = n1[sel], n2[sel], rho[sel]
+        rho_lo = 0.0 if r.min() >= 0 else -1.0
+        tr = _transforms(float(ukeys[g, 0]), float(ukeys[g, 1]),
+                         _bucket(a.max()), _bucket(b.max()), rho_lo)
+        pairs, pinv = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
+        pinv = pinv.ravel()
+        un1, n1inv = np.unique(pairs[:, 0], return_inverse=True)
+        n1inv = n1inv.ravel()
+        d = pairs[:, 1] - pairs[:, 0]
+        Ft = np.empty((pairs.shape[0], _N_RHO))
+        Fq = np.empty_like(Ft)
+        pa, pb = pairs[:, 0], pairs[:, 1]
+        for k, (L, M, W) in enumerate(tr):
+            U = np.empty((un1.size, 5, L.shape[1]))
+            step = max(1, 2_000_000 // L.size)
+            for s0 in range(0, un1.size, step):
+                P = np.exp((un1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
+                U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
+            D = np.exp(d[:, None] * M[None, :])                 # (pairs, Y)
+            R = np.einsum("py,pky->kp", D, U[n1inv]) * (_QUAD_H * _QUAD_H)
+            T1 = pa * R[0]
+            Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
+            Ft[:, k] = pb * T1 - 1.0
+            Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
+        C = _barycentric(r, rho_lo)
+        ft = np.einsum("ik,ik->i", C, Ft[pinv])
+        fq = np.einsum("ik,ik->i", C, Fq[pinv])
+        T[sel] = (1.0 + ft) / b
+        Q[sel] = (fq + 1.0 - 1.0 / a) / b
+    # exact limits
+    T = np.where(rho == 0.0, 1.0 / n2, T)
+    Q = np.where(n1 == 1.0, 0.0, Q)
+    return T, Q
 
 
 def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
@@ -203,8 +333,5 @@ def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
         T, Q, _, _ = _mc_moments(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(),
                                  rho.ravel(), samples=samples, seed=seed)
         return T.reshape(shape), Q.reshape(shape)
-    T = np.empty(n1.size); Q = np.empty(n1.size)
-    for i, (a, b, c, d, e) in enumerate(zip(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(), rho.ravel())):
-        t, q = _quad_moments([a], [b], c, d, e)
-        T[i], Q[i] = t[0], q[0]
+    T, Q = _analytic(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(), rho.ravel())
     return T.reshape(shape), Q.reshape(shape)
