@@ -1,0 +1,90 @@
+"""Tests for normfield.theory.softmax.pair_moments."""
+
+import numpy as np
+import pytest
+
+from normfield.theory.softmax import _mc_moments, pair_moments
+
+# Documented bound of the analytic method's own error (quadrature + rho
+# interpolation), relative to |T1| and |Q|; measured <= 1e-4 on the task grid.
+APPROX_REL = 1e-3
+
+
+def test_uniform_rows_exact():
+    n1 = np.array([1, 4, 16, 64, 3])
+    n2 = np.array([1, 8, 16, 256, 7])
+    T, Q = pair_moments(n1, n2, 0.0, 0.0, 0.7)
+    np.testing.assert_allclose(T, 1.0 / n2, rtol=1e-12)
+    np.testing.assert_allclose(Q, (1.0 / n2) * (1.0 - 1.0 / n1), rtol=1e-12, atol=1e-15)
+
+
+def test_rho_zero_independent_rows():
+    n1 = np.array([4, 16, 64, 5])
+    n2 = np.array([4, 32, 256, 9])
+    T, _ = pair_moments(n1, n2, np.array([0.5, 1.0, 3.0, 2.0]), 1.5, 0.0)
+    np.testing.assert_allclose(T, 1.0 / n2, rtol=1e-12)
+
+
+def test_n1_one():
+    # A = 1, so Q = 0 exactly and T1 = E[B_1]; B_1 is exchangeable with the
+    # other n2 - 1 entries only when v1 does not matter, i.e. always: T1 = 1/n2.
+    T, Q = pair_moments(1, np.array([1, 4, 64]), 2.0, 1.0, 0.8)
+    np.testing.assert_allclose(Q, 0.0, atol=1e-15)
+    np.testing.assert_allclose(T, 1.0 / np.array([1, 4, 64]), rtol=1e-4)
+
+
+def test_fluctuation_sign_and_monotonic_in_rho():
+    rho = np.array([0.0, 0.3, 0.7, 1.0])
+    T, _ = pair_moments(16, 32, 1.0, 1.0, rho)
+    assert np.all(np.diff(T) > 0)
+    assert T[0] == pytest.approx(1 / 32, rel=1e-12)
+
+
+def test_broadcasting_shape():
+    T, Q = pair_moments(np.array([[4], [16]]), np.array([[16], [32]]), 1.0, 0.5,
+                        np.array([0.1, 0.5, 0.9]))
+    assert T.shape == Q.shape == (2, 3)
+    assert T.dtype == Q.dtype == np.float64
+
+
+@pytest.mark.parametrize("n1,n2,v1,v2,rho", [
+    (4, 4, 1.0, 1.0, 1.0),       # participation ratio
+    (4, 8, 3.0, 3.0, 0.7),       # small rows, large variance
+    (5, 20, 0.5, 2.0, 0.95),     # v1 != v2, causal-like
+    (16, 32, 2.0, 0.5, 0.3),
+    (64, 64, 0.1, 0.1, 0.95),    # small fluctuations
+])
+def test_analytic_vs_mc(n1, n2, v1, v2, rho):
+    samples = 40_000
+    T, Q = pair_moments(n1, n2, v1, v2, rho)
+    Tm, Qm, seT, seQ = _mc_moments([n1], [n2], [v1], [v2], [rho], samples=samples, seed=1)
+    assert abs(T - Tm[0]) <= 4 * seT[0] + APPROX_REL * abs(T)
+    assert abs(Q - Qm[0]) <= 4 * seQ[0] + APPROX_REL * abs(Q)
+    # the test must be able to see the fluctuation part at all
+    assert abs(T - 1 / n2) > 8 * seT[0]
+
+
+def test_mc_deterministic_and_exact_limits():
+    a = pair_moments([4, 8], [8, 8], 1.0, 2.0, 0.5, method="mc", samples=256, seed=3)
+    b = pair_moments([4, 8], [8, 8], 1.0, 2.0, 0.5, method="mc", samples=256, seed=3)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    T, Q = pair_moments(4, 8, 0.0, 0.0, 0.5, method="mc", samples=64)
+    assert T == pytest.approx(1 / 8, rel=1e-12)
+    assert Q == pytest.approx((1 / 8) * (3 / 4), rel=1e-12)
+    T, Q = pair_moments(1, 8, 1.0, 1.0, 0.5, method="mc", samples=64)
+    assert Q == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n1=0, n2=4, v1=1.0, v2=1.0, rho=0.5), "n1"),
+    (dict(n1=2.5, n2=4, v1=1.0, v2=1.0, rho=0.5), "n1"),
+    (dict(n1=5, n2=3, v1=1.0, v2=1.0, rho=0.5), r"n2=3.*n2 >= n1.*n1=5"),
+    (dict(n1=2, n2=4, v1=-0.1, v2=1.0, rho=0.5), "v1"),
+    (dict(n1=2, n2=4, v1=1.0, v2=np.nan, rho=0.5), "v2"),
+    (dict(n1=2, n2=4, v1=1.0, v2=1.0, rho=1.2), "rho"),
+    (dict(n1=2, n2=4, v1=1.0, v2=1.0, rho=0.5, method="exact"), "method"),
+])
+def test_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pair_moments(**kwargs)
