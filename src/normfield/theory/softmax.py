@@ -283,8 +283,8 @@ def _analytic(n1, n2, v1, v2, rho):
     if not np.any(live):
         return T, Q
     idx = np.flatnonzero(live)
-    keys = np.stack([v1[idx], v2[idx]], axis=1)
-    ukeys, inv = np.unique(keys, axis=0, return_inverse=True)
+    ukeys, inv = np.unique(v1[idx] + 1j * v2[idx], return_inverse=True)
+    ukeys = np.stack([ukeys.real, ukeys.imag], axis=1)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
     bounds = np.searchsorted(inv[order], np.arange(ukeys.shape[0] + 1))
@@ -294,8 +294,10 @@ def _analytic(n1, n2, v1, v2, rho):
         rho_lo = 0.0 if r.min() >= 0 else -1.0
         tr = _transforms(float(ukeys[g, 0]), float(ukeys[g, 1]),
                          _bucket(a.max()), _bucket(b.max()), rho_lo)
-        pairs, pinv = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
+        pkey, pinv = np.unique(a.astype(np.int64) * (1 << 31) + b.astype(np.int64),
+                               return_inverse=True)
         pinv = pinv.ravel()
+        pairs = np.stack([pkey >> 31, pkey & ((1 << 31) - 1)], axis=1).astype(np.float64)
         un1, n1inv = np.unique(pairs[:, 0], return_inverse=True)
         n1inv = n1inv.ravel()
         d = pairs[:, 1] - pairs[:, 0]
