@@ -172,16 +172,14 @@ CONFIGS = {
                 positions="learned", tied_head=True),
     "peri_swiglu": dict(placement="peri", depth=2, activation="swiglu", mask="causal", bias=True),
     "deepnorm": dict(placement="deepnorm", depth=3, activation="gelu_tanh", positions="learned",
-                     bias=True),
+                     bias=True, final_norm=True),
     "normformer_geglu": dict(placement="normformer", depth=2, norm="rmsnorm", activation="geglu",
                              positions="none"),
     "mixln": dict(placement="mixln", depth=3, placement_options=(("post_fraction", 0.5),),
-                  activation="silu"),
+                  activation="silu", init=Init(scheme="normal", std=0.5, residual_scaling=True)),
     "lns": dict(placement="lns", depth=3, embed_scale=2.0, mask="causal"),
     "scaled_pre_torch": dict(placement="scaled_pre", depth=2, final_norm=False, bias=True,
                              init=Init(scheme="torch")),
-    "post_tied_final": dict(placement="post", depth=2, tied_head=True, final_norm=True,
-                            init=Init(scheme="normal", std=0.5)),
 }
 
 

@@ -1,0 +1,235 @@
+"""The probe's batching machinery: scan vs unrolled layers, vmap over seeds vs a loop, determinism,
+a sharded seed axis, batch averaging, standard errors, and non-finite gradients.
+
+One small Arch is used throughout so that XLA compiles each function once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from normfield.arch import Arch, Init
+from normfield.probe import measure
+from normfield.probe.measure import NonFiniteGradientError, measure_grad_norms, one_seed
+from normfield.probe.model import init_params, loss_fn
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# Mix-LN with one Post-LN block then two Pre-LN blocks: two scan segments, the first of length 1
+ARCH_KW = dict(depth=3, placement="mixln", placement_options=(("post_fraction", 0.5),),
+               d_model=8, n_heads=2, d_ff=16, seq_len=5, batch_size=2, vocab_size=11,
+               activation="gelu", mask="causal", bias=True)
+ARCH = Arch(**ARCH_KW)
+SEEDS, KEY = 8, 3
+
+
+@functools.lru_cache(maxsize=None)
+def measured(key=KEY):
+    return measure_grad_norms(ARCH, seeds=SEEDS, key=key)
+
+
+@functools.lru_cache(maxsize=None)
+def grads_three_ways():
+    """Grads of one batch by scan, by the unrolled loop, and per sequence (batch of 1)."""
+    # numpy draws in init_params' layout (compiling init_params costs more than the whole test)
+    rng = np.random.default_rng(0)
+    abstract = jax.eval_shape(lambda k: init_params(ARCH, k), jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(0.4 * rng.standard_normal(a.shape), jnp.float32), abstract)
+    params = jax.tree_util.tree_map_with_path(  # norm gains around 1
+        lambda path, a: a + 1.0 if jax.tree_util.keystr(path).endswith(".scale']") else a, params)
+    tokens = jnp.asarray(rng.integers(0, ARCH.vocab_size, (2, ARCH.seq_len)))
+    targets = jnp.asarray(rng.integers(0, ARCH.vocab_size, (2, ARCH.seq_len)))
+
+    def lossgrad(p, t, y, unroll=False):
+        return jax.value_and_grad(lambda q: loss_fn(ARCH, q, t, y, unroll=unroll)[0])(p)
+
+    @jax.jit
+    def run(p, t, y):
+        scan = lossgrad(p, t, y)
+        unrolled = lossgrad(p, t, y, unroll=True)
+        per_seq = jax.vmap(lambda ti, yi: lossgrad(p, ti[None], yi[None]))(t, y)
+        return scan, unrolled, per_seq
+
+    with jax.default_matmul_precision("highest"):
+        out = run(params, tokens, targets)
+    return jax.tree_util.tree_map(np.asarray, out)
+
+
+# d loss / d b_k is exactly zero (softmax is invariant to adding q.b_k to every key's logit)
+ZERO_GRAD = ("attn.k.bias",)
+
+
+def _leaves(tree):
+    return [(jax.tree_util.keystr(path), a) for path, a in jax.tree_util.tree_leaves_with_path(tree)
+            if not any(f"'{z}'" in jax.tree_util.keystr(path) for z in ZERO_GRAD)]
+
+
+def test_key_bias_gradient_is_zero():
+    (_, grads), _, _ = grads_three_ways()
+    scale = np.max(np.abs(grads["layers"]["attn.q"]))
+    assert np.max(np.abs(grads["layers"]["attn.k.bias"])) < 1e-5 * scale
+
+
+def test_scan_equals_unrolled_loop():
+    (l_scan, g_scan), (l_unr, g_unr), _ = grads_three_ways()
+    assert l_scan == pytest.approx(l_unr, rel=1e-6)
+    for (path, a), (_, b) in zip(_leaves(g_scan), _leaves(g_unr)):
+        assert np.any(a != 0), path
+        # float32: differences of a few ulps of the largest entry (reassociated sums)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6 * np.max(np.abs(a)), err_msg=path)
+
+
+def test_batch_gradient_is_mean_of_per_sequence_gradients():
+    """Mean cross-entropy over batch*seq positions: the batch's loss and gradient are the means
+    of the single-sequence ones (same params), not their sums."""
+    (loss, grads), _, (seq_losses, seq_grads) = grads_three_ways()
+    assert seq_losses.shape == (2,)
+    assert loss == pytest.approx(seq_losses.mean(), rel=1e-6)
+    for (path, g), (_, gs) in zip(_leaves(grads), _leaves(seq_grads)):
+        np.testing.assert_allclose(g, gs.mean(axis=0), rtol=1e-5, atol=5e-6 * np.max(np.abs(g)),
+                                   err_msg=path)
+        # and not their sum: the two sequences' grads differ, so mean != sum
+        assert not np.allclose(g, gs.sum(axis=0), rtol=1e-3), path
+
+
+def test_vmap_over_seeds_equals_loop_over_one_seed():
+    prof = measured()
+    keys = jax.random.split(jax.random.PRNGKey(KEY), SEEDS)
+    single = jax.jit(functools.partial(one_seed, ARCH, "float32"))
+    with jax.default_matmul_precision("highest"):
+        loop = [jax.tree_util.tree_map(np.asarray, single(k)) for k in keys]
+    assert set(prof.per_seed_sq) == set(loop[0][0])
+    for name, values in prof.per_seed_sq.items():
+        expect = np.stack([sq[name] for sq, _ in loop])
+        assert values.shape == expect.shape == (SEEDS, ARCH.depth if expect.shape[1] > 1 else 1)
+        np.testing.assert_allclose(values, expect, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(prof.grads[name], np.sqrt(expect.mean(axis=0)), rtol=1e-5)
+    stats = np.stack([st for _, st in loop])  # (seeds, depth + 1, 3)
+    np.testing.assert_allclose(prof.activations["sq_norm"], stats[:, :, 0].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(prof.activations["cos_within"], stats[:, :, 1].mean(0),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_same_key_is_bit_identical_and_other_key_differs():
+    a = measured()
+    b = measure_grad_norms(ARCH, seeds=SEEDS, key=KEY)
+    assert a is not b
+    for name in a.per_seed_sq:
+        np.testing.assert_array_equal(a.per_seed_sq[name], b.per_seed_sq[name])
+        np.testing.assert_array_equal(a.grads[name], b.grads[name])
+    for k in a.activations:
+        np.testing.assert_array_equal(a.activations[k], b.activations[k])
+    c = measured(KEY + 1)
+    for name in a.per_seed_sq:
+        assert not np.any(a.per_seed_sq[name] == c.per_seed_sq[name]), name
+    # distinct seeds within one measurement are distinct draws too
+    sq = a.per_seed_sq["attn.q"]
+    assert len(np.unique(sq[:, 0])) == SEEDS
+
+
+def test_grads_and_stderr_follow_from_per_seed_squares():
+    prof = measured()
+    assert prof.meta["seeds"] == SEEDS and prof.meta["key"] == KEY
+    for name, sq in prof.per_seed_sq.items():
+        n = sq.shape[0]
+        mean = sq.sum(axis=0) / n
+        sd = np.sqrt(((sq - mean) ** 2).sum(axis=0) / (n - 1))
+        # delta method: se(sqrt(m)) = se(m) / (2 sqrt(m))
+        np.testing.assert_allclose(prof.grads[name], np.sqrt(mean), rtol=1e-12)
+        np.testing.assert_allclose(prof.stderr[name], sd / np.sqrt(n) / (2 * np.sqrt(mean)),
+                                   rtol=1e-10)
+        assert np.all(prof.stderr[name] > 0)
+        assert np.all(prof.stderr[name] < prof.grads[name])
+
+
+def _inject(monkeypatch, name, seed, layer, value):
+    real = measure._run_chunk
+
+    def fake(arch, precision, keys):
+        sq, stats = real(arch, precision, keys)
+        sq = dict(sq)
+        sq[name] = sq[name].at[seed, layer].set(value)
+        return sq, stats
+
+    monkeypatch.setattr(measure, "_run_chunk", fake)
+
+
+@pytest.mark.parametrize("name,seed,layer,value", [("attn.v", 3, 1, np.nan),
+                                                   ("embed.tok", 5, 0, np.inf)])
+def test_non_finite_gradient_names_parameter_and_seed(monkeypatch, name, seed, layer, value):
+    measured()  # compile outside the patch
+    _inject(monkeypatch, name, seed, layer, value)
+    with pytest.raises(NonFiniteGradientError) as info:
+        measure_grad_norms(ARCH, seeds=SEEDS, key=KEY)
+    msg = str(info.value)
+    assert repr(name) in msg and f"seed {seed}" in msg and f"layer {layer}" in msg, msg
+
+
+@pytest.mark.slow
+def test_overflowing_init_raises_non_finite_error():
+    """A real overflow (float32 weights of std 1e30): the error surfaces, never averaged away."""
+    arch = Arch(depth=1, placement="post", d_model=8, n_heads=2, d_ff=16, seq_len=4,
+                batch_size=2, vocab_size=11, init=Init(scheme="normal", std=1e30))
+    with pytest.raises(NonFiniteGradientError, match=r"non-finite gradient norm of '[\w.]+'.* seed \d"):
+        measure_grad_norms(arch, seeds=2)
+
+
+SHARD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from normfield.arch import Arch
+    from normfield.probe.measure import _shard, measure_grad_norms
+    kw = json.loads(sys.argv[1])
+    kw["placement_options"] = tuple(tuple(p) for p in kw["placement_options"])
+    prof = measure_grad_norms(Arch(**kw), seeds=int(sys.argv[2]), key=int(sys.argv[3]))
+    keys = _shard(jax.random.split(jax.random.PRNGKey(0), int(sys.argv[2])))
+    print(json.dumps({"n_devices": prof.meta["n_devices"],
+                      "key_devices": len(keys.sharding.device_set),
+                      "per_seed_sq": {k: v.tolist() for k, v in prof.per_seed_sq.items()},
+                      "activations": {k: v.tolist() for k, v in prof.activations.items()}}))
+""")
+
+
+SHARDED: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sharded_subprocess():
+    """Start the 4-device measurement at the module's first test, so that it runs while this
+    process compiles (XLA's CPU compiler is mostly single-threaded); killed if still running."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, json.dumps(ARCH_KW), str(SEEDS),
+                             str(KEY)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    SHARDED["proc"] = proc
+    yield
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def test_sharded_seed_axis_equals_single_device():
+    proc = SHARDED["proc"]
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert out["n_devices"] == 4 and out["key_devices"] == 4  # really sharded over 4 devices
+    ref = measured()  # in-process: the default single CPU device
+    assert set(out["per_seed_sq"]) == set(ref.per_seed_sq)
+    for name, values in out["per_seed_sq"].items():
+        np.testing.assert_allclose(np.asarray(values), ref.per_seed_sq[name], rtol=1e-5,
+                                   err_msg=name)
+    for k, values in out["activations"].items():
+        np.testing.assert_allclose(np.asarray(values), ref.activations[k], rtol=1e-5, atol=1e-7)
