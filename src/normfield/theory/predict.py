@@ -1,15 +1,258 @@
-"""Mean-field predictions (work in progress: the interpreter lands in the next commit)."""
+"""The mean-field interpreter of an `Arch`: embedding -> blocks -> final norm -> head -> loss,
+forward kernels then backward kernels, and ``E||dL/dW||_F^2`` for every weight.
 
-from normfield.arch import Arch
+Approximations (each named where it is made): leading order in 1/width with the
+gradient-independence assumption (`maps`); Gaussian logits with exchangeable keys for the
+softmax (`attention`, `softmax`); expectations of ratios replaced by ratios of expectations
+in the norms; token collisions enter the kernels in expectation (probability sum_v p_v^2).
+The loss is the mean cross-entropy over N = B n positions with targets iid from the token
+distribution.  At initialization the logit gradient is ``(p_t - e_{y_t}) / N`` and
+``E[(p_t - e_y_t) . (p_t' - e_y_t')] = E[p_t . p_t'] - 2/V + P(y_t = y_t')`` (``1 - 2/V + E||p||^2``
+on the diagonal), with the softmax moments of `softmax.pair_moments` over the V classes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from normfield.arch import GATED_ACTIVATIONS, Arch
+from normfield.data import collision_prob, sinusoidal_positions
+from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale, SelfAttention,
+                                  block)
+from normfield.profile import GradProfile
+from normfield.theory import attention
+from normfield.theory.kernels import Blocks, cosine, pair_sum
+from normfield.theory.maps import (Point, activation_forward, bias_grad_sq, gain_grad_sq,
+                                   linear_backward, linear_forward, linear_grad_sq, norm_backward,
+                                   norm_forward)
+from normfield.theory.softmax import pair_moments
+
+METHODS = ("analytic", "mc")
+STORE_LIMIT_BYTES = 2e9
 
 
-def predict(arch: Arch):
-    raise NotImplementedError("theory interpreter not written yet")
+class _Block:
+    """Forward and backward interpretation of one block's steps."""
+
+    def __init__(self, arch: Arch, steps: tuple, mask: attention.Mask, method: str):
+        self.arch, self.steps, self.mask, self.method = arch, steps, mask, method
+        self.phi = GATED_ACTIVATIONS.get(arch.activation, arch.activation)
+
+    def _var(self, name: str) -> tuple[float, float]:
+        var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
+        return self.arch.param_init(name).std ** 2, var_b
+
+    def forward(self, x: Point):
+        a = self.arch
+        env, saved = {"x": x}, {}
+        for i, s in enumerate(self.steps):
+            if isinstance(s, Norm):
+                env[s.dst] = norm_forward(env[s.src], a.norm, a.norm_eps)
+            elif isinstance(s, Linear):
+                var_w, var_b = self._var(s.name)
+                env[s.dst] = linear_forward(env[s.src], var_w, var_b, a.width(s.fan_out))
+            elif isinstance(s, Activation):
+                env[s.dst], saved[i] = activation_forward(env[s.src], self.phi)
+            elif isinstance(s, Product):
+                pa, pb = env[s.a], env[s.b]
+                k = pa.k * pb.k
+                env[s.dst] = Point(k, k * (1.0 / pa.width), pa.width)
+            elif isinstance(s, SelfAttention):
+                (vq, bq), (vk, bk), (vv, bv) = (self._var(f"attn.{p}") for p in "qkv")
+                ko, saved[i] = attention.forward(env[s.src].k, self.mask, vq, vk, vv, a.d_model,
+                                                 (bq, bk, bv), self.method)
+                env[s.dst] = Point(ko, ko * (1.0 / a.d_model), a.d_model)
+            elif isinstance(s, Scale):
+                p = env[s.src]
+                env[s.dst] = Point(p.k * s.factor ** 2, p.m * s.factor ** 2, p.width)
+            elif isinstance(s, Add):
+                pa, pb = env[s.a], env[s.b]
+                env[s.dst] = Point(pa.k * s.alpha ** 2 + pb.k * s.beta ** 2,
+                                   pa.m * s.alpha ** 2 + pb.m * s.beta ** 2, pa.width)
+        return env, saved
+
+    def backward(self, env: dict, saved: dict, g_out: Blocks):
+        """Gradient kernel at the block input and the squared weight-gradient norms."""
+        a, b = self.arch, self.arch.batch_size
+        grads: dict[str, float] = {}
+        gs: dict[str, Blocks] = {self.steps[-1].dst: g_out}
+
+        def push(name, g):
+            gs[name] = gs[name] + g if name in gs else g
+
+        for i in reversed(range(len(self.steps))):
+            s = self.steps[i]
+            g = gs.get(s.dst)
+            if g is None:
+                continue
+            if isinstance(s, Norm):
+                push(s.src, norm_backward(env[s.src], env[s.dst], g, a.norm, a.norm_eps))
+                grads[f"{s.name}.scale"] = gain_grad_sq(env[s.dst], g, b)
+            elif isinstance(s, Linear):
+                var_w, _ = self._var(s.name)
+                fan_out = a.width(s.fan_out)
+                push(s.src, linear_backward(g, var_w, fan_out))
+                grads[s.name] = linear_grad_sq(env[s.src], g, fan_out, b)
+                if a.bias:
+                    grads[f"{s.name}.bias"] = bias_grad_sq(g, fan_out, b)
+            elif isinstance(s, Activation):
+                push(s.src, g * saved[i])
+            elif isinstance(s, Product):
+                push(s.a, g * env[s.b].k)
+                push(s.b, g * env[s.a].k)
+            elif isinstance(s, SelfAttention):
+                x, d = env[s.src], a.d_model
+                g_qkv = attention.backward(g, self.mask, saved[i])
+                for p, gp in zip("qkv", g_qkv):
+                    var_w, _ = self._var(f"attn.{p}")
+                    push(s.src, linear_backward(gp, var_w, d))
+                    grads[f"attn.{p}"] = linear_grad_sq(x, gp, d, b)
+                    if a.bias:
+                        grads[f"attn.{p}.bias"] = bias_grad_sq(gp, d, b)
+            elif isinstance(s, Scale):
+                push(s.src, g * s.factor ** 2)
+            elif isinstance(s, Add):
+                push(s.a, g * s.alpha ** 2)
+                push(s.b, g * s.beta ** 2)
+        return gs["x"], grads
 
 
-def predict_grad_norms(depth: int, placement: str = "pre", **arch_fields):
-    return predict(Arch(depth=depth, placement=placement, **arch_fields))
+# ---- embedding and head --------------------------------------------------------------------------
+def token_kernel(arch: Arch) -> Blocks:
+    """E[onehot(t_i) . onehot(t_j)]: 1 on the within-sequence diagonal, sum_v p_v^2 elsewhere."""
+    n, pc = arch.seq_len, collision_prob(arch)
+    k = Blocks.full(n, pc, pc)
+    np.fill_diagonal(k.w, 1.0)
+    return k
+
+
+def position_kernels(arch: Arch) -> tuple[Blocks, Blocks]:
+    """Kernel and coordinate-mean kernel of the position embeddings (shared by all sequences)."""
+    n, d = arch.seq_len, arch.d_model
+    if arch.positions == "sinusoidal":
+        table = sinusoidal_positions(n, d)
+        k, mean = table @ table.T / d, table.mean(axis=1)
+        return Blocks(k, k.copy()), Blocks(np.outer(mean, mean), np.outer(mean, mean))
+    if arch.positions == "learned":
+        var = arch.param_init("embed.pos").std ** 2
+        eye = np.eye(n) * var
+        return Blocks(eye, eye.copy()), Blocks(eye / d, eye / d)
+    zero = Blocks.full(n, 0.0, 0.0)
+    return zero, zero
+
+
+def embedding_point(arch: Arch) -> Point:
+    """``x_t = embed_scale * E[token_t] + P[t]``."""
+    var = arch.embed_scale ** 2 * arch.param_init("embed.tok").std ** 2
+    tok = token_kernel(arch) * var
+    pk, pm = position_kernels(arch)
+    return Point(tok + pk, tok * (1.0 / arch.d_model) + pm, arch.d_model)
+
+
+def head_var(arch: Arch) -> float:
+    return arch.param_init("embed.tok" if arch.tied_head else "head.out").std ** 2
+
+
+def logit_gradient_kernel(arch: Arch, h: Point, method: str) -> Blocks:
+    """E[(p_i - e_{y_i}) . (p_j - e_{y_j})] over the V classes (un-normalized by N)."""
+    v_cls = arch.vocab_size
+    var_logit = attention.quantize(head_var(arch) * h.width * h.k.diag)
+    rho = cosine(h.k)
+    pc = collision_prob(arch)
+
+    def block(r, same_target_prob):
+        vi, vj = np.broadcast_arrays(var_logit[:, None], var_logit[None, :])
+        t1, _ = pair_moments(v_cls, v_cls, vi, vj, np.clip(r, -1.0, 1.0), method=method)
+        return t1 - 2.0 / v_cls + same_target_prob
+
+    within = block(rho.w, pc)
+    np.fill_diagonal(within, np.diag(block(np.ones_like(rho.w), 1.0)))
+    return Blocks(within, block(rho.c, pc))
+
+
+def stream_stats(p: Point) -> tuple[float, float, float]:
+    n = p.k.w.shape[0]
+    cos = cosine(p.k)
+    off = ~np.eye(n, dtype=bool)
+    within = float(cos.w[off].mean()) if n > 1 else float("nan")
+    return float(np.mean(p.k.diag)), within, float(cos.c.mean())
+
+
+# ---- the interpreter -----------------------------------------------------------------------------
+def predict(arch: Arch, method: str = "analytic") -> GradProfile:
+    """Mean-field prediction of ``sqrt(E||dL/dW||_F^2)`` for every parameter of `arch`, and of
+    the residual-stream statistics at every block output (see `GradProfile`).
+
+    method: ``"analytic"`` (closed-form softmax moments, the default) or ``"mc"`` (fixed-sample
+    Monte-Carlo softmax moments, the reference the closed form is validated against).
+    """
+    if not isinstance(arch, Arch):
+        raise ValueError(f"invalid arch={arch!r}: expected a normfield.Arch")
+    if method not in METHODS:
+        raise ValueError(f"invalid method={method!r}: expected one of {METHODS}")
+    start = time.perf_counter()
+    n, b, depth = arch.seq_len, arch.batch_size, arch.depth
+    mask = attention.Mask.build(arch.mask, n)
+    blocks = [_Block(arch, block(arch, l), mask, method) for l in range(depth)]
+    store = depth * len(blocks[0].steps) * 4 * n * n * 8 < STORE_LIMIT_BYTES
+
+    x = embedding_point(arch)
+    inputs, kept, stats = [], [], [stream_stats(x)]
+    for blk in blocks:
+        inputs.append(x)
+        env, saved = blk.forward(x)
+        kept.append((env, saved) if store else None)
+        x = env[blk.steps[-1].dst]
+        stats.append(stream_stats(x))
+
+    grads_sq: dict[str, np.ndarray] = {}
+    stream = x
+    if arch.has_final_norm:
+        h = norm_forward(x, arch.norm, arch.norm_eps)
+    else:
+        h = x
+    big_n = b * n
+    dk = logit_gradient_kernel(arch, h, method)
+    g = dk * (head_var(arch) / big_n ** 2)
+    head_sq = h.width * pair_sum(h.k, dk, b) / big_n ** 2
+    if arch.has_final_norm:
+        grads_sq["final_norm.scale"] = np.array([gain_grad_sq(h, g, b)])
+        g = norm_backward(stream, h, g, arch.norm, arch.norm_eps)
+
+    per_layer: list[dict] = [None] * depth
+    for l in reversed(range(depth)):
+        env, saved = kept[l] if store else blocks[l].forward(inputs[l])
+        g, per_layer[l] = blocks[l].backward(env, saved, g)
+    for name in per_layer[0]:
+        grads_sq[name] = np.array([layer[name] for layer in per_layer])
+
+    tok_sq = arch.embed_scale ** 2 * arch.d_model * pair_sum(token_kernel(arch), g, b)
+    grads_sq["embed.tok"] = np.array([tok_sq + (head_sq if arch.tied_head else 0.0)])
+    if arch.positions == "learned":
+        eye = Blocks(np.eye(n), np.eye(n))
+        grads_sq["embed.pos"] = np.array([arch.d_model * pair_sum(eye, g, b)])
+    if not arch.tied_head:
+        grads_sq["head.out"] = np.array([head_sq])
+
+    acts = np.array(stats)
+    activations = {"sq_norm": acts[:, 0], "cos_within": acts[:, 1],
+                   "cos_across": acts[:, 2] if b > 1 else np.full(depth + 1, np.nan)}
+    meta = {"method": method, "seconds": time.perf_counter() - start}
+    return GradProfile(arch=arch, source="theory",
+                       grads={k: np.sqrt(np.maximum(v, 0.0)) for k, v in grads_sq.items()},
+                       activations=activations, meta=meta)
+
+
+def predict_grad_norms(depth: int, placement: str = "pre", method: str = "analytic",
+                       **arch_fields) -> GradProfile:
+    """``predict(Arch(depth=depth, placement=placement, **arch_fields))``."""
+    return predict(Arch(depth=depth, placement=placement, **arch_fields), method=method)
 
 
 def predict_activations(depth: int, placement: str = "pre", **arch_fields) -> dict:
-    return predict(Arch(depth=depth, placement=placement, **arch_fields)).activations
+    """Predicted residual-stream statistics per block output 0..depth: ``sq_norm`` (E||x||^2/d),
+    ``cos_within`` and ``cos_across`` (mean cosine between distinct tokens of one sequence / of
+    two sequences)."""
+    return predict_grad_norms(depth, placement, **arch_fields).activations

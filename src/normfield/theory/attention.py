@@ -1,0 +1,167 @@
+"""Mean-field maps of multi-head softmax self-attention (standard 1/sqrt(d_head) scaling).
+
+Setting (one head; all heads are iid).  Per-coordinate kernels of queries, keys and values
+are ``K_q = s_q^2 d K + b_q^2`` etc. (K the input kernel).  In the limit of large d_head the
+logits ``s_ij = q_i . k_j / sqrt(d_head)`` form a centred Gaussian field with
+``Cov(s_ij, s_i'j') = K_q(i, i') K_k(j, j')`` (DESIGN.md section 2), independent of the values.
+
+Attention rows are split into their mean and a fluctuation, ``A = Abar + Delta``.  ``Abar`` is
+uniform over each row's allowed keys (exact when the logit field is exchangeable over keys).
+The fluctuation statistics use the *exchangeable-key approximation*: the key kernel restricted
+to the keys a row sees is replaced by a common part (which cancels in the softmax) plus
+independent parts of variance ``r_k(S) = n/(n-1) (mean diag K_k - mean K_k)`` over the allowed
+set S, so that row i's logits fluctuate with variance ``v_i = K_q(i, i) r_k(S_i)`` and rows
+i, i' are correlated with ``rho = K_q(i, i') / sqrt(K_q(i, i) K_q(i', i'))``.  A pair of distinct
+rows with different variances (causal masks) is evaluated at the geometric mean of the two,
+rounded to a 1% grid in log v (so that few distinct variances need softmax moments).  Sets are
+prefixes (bidirectional: the whole sequence; causal: keys 0..i), so two rows share the keys
+of the shorter one, n1 = min(n_i, n_i') of them.  Then, by exchangeability and the sum rule
+``sum_j Delta_ij = 0``:
+
+    E[Delta_ij Delta_i'j'] = a(i, i') (delta_jj' - 1/n1)   for j, j' < n1, else 0,
+    a = (T1 - 1/n2) / (n1 - 1),      T1 = E[sum_j A_ij A_i'j]       (`softmax.pair_moments`).
+
+Forward:   K_o = Abar K_v Abar^T + a * D_v,   D_v(i, i') = tr K_v|S1 - 1^T K_v|S1 1 / n1.
+Backward (values):  G_v = Abar^T G_o Abar + sum_ii' a G_o (delta - 1/n1) on S1 x S1.
+Backward (queries, keys): with ``g_s_ij = A_ij g_o_i . (v_j - o_i)`` the logit gradient,
+    G_q(i, i') = G_o(i, i') [M_q(i, i') + r_v r_k (Q - Q0)],
+    G_k(j, j') = sum_ii' G_o K_q (i, i') [M_k(i, i')_jj' + r_v (Q - Q0)/(n1 - 1) (delta - 1/n1)],
+where M_q, M_k are the same sums with A replaced by Abar and the actual (positional) kernels,
+``Q = E[sum_j A_ij A_i'j (1 - A_ij - A_i'j)] + E[(sum_j A_ij A_i'j)^2]`` and
+``Q0 = (1 - 1/n1)/n2`` its value at Abar.  Tokens of different sequences have independent
+fluctuations, so their blocks keep only the mean-attention terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from normfield.theory.kernels import Blocks
+from normfield.theory.softmax import pair_moments
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Allowed keys of each query: the prefix 0..row_len[i]-1."""
+
+    row_len: np.ndarray  # (n,) ints
+    mean: np.ndarray  # (n, n): Abar
+
+    @staticmethod
+    def build(kind: str, n: int) -> "Mask":
+        if kind == "causal":
+            row_len = np.arange(1, n + 1)
+        else:
+            row_len = np.full(n, n)
+        allowed = np.arange(n)[None, :] < row_len[:, None]
+        return Mask(row_len, allowed / row_len[:, None])
+
+    def pair_sets(self):
+        """(n1, n2) for every pair of rows: shared and larger prefix lengths."""
+        a, b = self.row_len[:, None], self.row_len[None, :]
+        return np.minimum(a, b), np.maximum(a, b)
+
+
+def quantize(v: np.ndarray, digits: int = 4) -> np.ndarray:
+    """Round logit variances to `digits` significant digits (relative change <= 5e-5), so that
+    rows whose variances differ only by a norm's epsilon share one softmax-moment evaluation."""
+    v = np.asarray(v, float)
+    scale = 10.0 ** (np.floor(np.log10(np.maximum(np.abs(v), 1e-300))) - digits + 1)
+    return np.where(v > 0, np.round(v / scale) * scale, 0.0)
+
+
+def prefix_spread(k: np.ndarray) -> np.ndarray:
+    """For every prefix length m = 1..n: ``tr K[:m,:m] - sum K[:m,:m] / m`` (index m-1)."""
+    m = np.arange(1, k.shape[0] + 1)
+    trace = np.cumsum(np.diag(k))
+    total = np.cumsum(np.cumsum(k, axis=0), axis=1)[m - 1, m - 1]
+    return trace - total / m
+
+
+def independent_variance(k: np.ndarray) -> np.ndarray:
+    """r(S) = n/(n-1) (mean diag - mean) over each prefix S (0 for a single key)."""
+    m = np.arange(1, k.shape[0] + 1)
+    spread = prefix_spread(k)
+    return np.where(m > 1, spread / np.maximum(m - 1, 1), 0.0)
+
+
+def _spread_by_set(weights: np.ndarray, n1: np.ndarray) -> np.ndarray:
+    """``sum_{ii'} weights(i, i') (delta_jj' - 1/n1) 1[j, j' < n1(i, i')]`` as an (n, n) matrix."""
+    n = weights.shape[0]
+    w_m = np.bincount((n1 - 1).ravel(), weights=weights.ravel(), minlength=n)  # by set size m+1
+    suffix = np.cumsum(w_m[::-1])[::-1]  # sum over sets containing index j: m >= j
+    u = np.cumsum((w_m / np.arange(1, n + 1))[::-1])[::-1]
+    idx = np.arange(n)
+    return np.diag(suffix) - u[np.maximum(idx[:, None], idx[None, :])]
+
+
+def _mean_query_term(a, kk, kv):
+    """sum_jj' Abar_ij Abar_i'j' K_k(j,j') Cov_v(ij, i'j') with
+    Cov_v = K_v(j,j') - (K_v Abar^T)(j,i') - (Abar K_v)(i,j') + (Abar K_v Abar^T)(i,i')."""
+    x, y = kv @ a.T, a @ kv
+    return (a @ (kk * kv) @ a.T - a @ (x * (kk @ a.T)) - (y * (a @ kk)) @ a.T
+            + (a @ kv @ a.T) * (a @ kk @ a.T))
+
+
+def _mean_key_term(a, w, kv):
+    """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j')."""
+    x, y = kv @ a.T, a @ kv
+    return ((a.T @ w @ a) * kv - ((a.T @ w) * x) @ a - a.T @ ((w @ a) * y)
+            + a.T @ (w * (a @ kv @ a.T)) @ a)
+
+
+@dataclass
+class AttentionState:
+    """What the backward pass needs from the forward pass."""
+
+    kq: Blocks
+    kk: Blocks
+    kv: Blocks
+    a_fluct: np.ndarray  # a(i, i')
+    q_fluct: np.ndarray  # Q - Q0
+    rv: np.ndarray  # r_v over the shared set of each pair
+    rk: np.ndarray
+    n1: np.ndarray
+
+
+def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
+            method: str = "analytic"):
+    """Kernel of the concatenated head outputs, and the state for `backward`.
+
+    var_* are the weight variances of W_q, W_k, W_v (fan-in `width`), bias_var their biases'."""
+    kq = kx * (var_q * width) + Blocks.full(kx.w.shape[0], bias_var[0], bias_var[0])
+    kk = kx * (var_k * width) + Blocks.full(kx.w.shape[0], bias_var[1], bias_var[1])
+    kv = kx * (var_v * width) + Blocks.full(kx.w.shape[0], bias_var[2], bias_var[2])
+    n1, n2 = mask.pair_sets()
+    rk_set, rv_set = independent_variance(kk.w), independent_variance(kv.w)
+    row_var = quantize(np.diag(kq.w) * rk_set[mask.row_len - 1])
+    v1 = v2 = np.sqrt(row_var[:, None] * row_var[None, :])
+    if np.ptp(row_var) > 0:  # distinct rows: geometric mean of the two on a 1% grid
+        v1 = v2 = np.exp(np.round(np.log(np.maximum(v1, 1e-300)) * 100.0) / 100.0)
+        np.fill_diagonal(v1, row_var)
+    qd = np.sqrt(np.diag(kq.w))
+    rho = np.clip(kq.w / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
+    t1, q = pair_moments(n1, n2, v1, v2, rho, method=method)
+    a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
+    q_fluct = q - (1.0 - 1.0 / n1) / n2
+    abar = mask.mean
+    spread_v = prefix_spread(kv.w)[n1 - 1]
+    ko = Blocks(abar @ kv.w @ abar.T + a_fluct * spread_v, abar @ kv.c @ abar.T)
+    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1)
+    return ko, state
+
+
+def backward(go: Blocks, mask: Mask, st: AttentionState):
+    """Per-coordinate gradient kernels (G_q, G_k, G_v) at the queries, keys and values, given
+    the gradient kernel G_o at the concatenated head outputs."""
+    a = mask.mean
+    gv = Blocks(a.T @ go.w @ a + _spread_by_set(st.a_fluct * go.w, st.n1), a.T @ go.c @ a)
+    gq = Blocks(go.w * (_mean_query_term(a, st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
+                go.c * _mean_query_term(a, st.kk.c, st.kv.c))
+    wk = go * st.kq
+    k_fluct = np.where(st.n1 > 1, st.q_fluct / np.maximum(st.n1 - 1, 1), 0.0) * st.rv
+    gk = Blocks(_mean_key_term(a, wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
+                _mean_key_term(a, wk.c, st.kv.c))
+    return gq, gk, gv

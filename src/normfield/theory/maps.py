@@ -1,0 +1,101 @@
+"""Mean-field forward and backward maps of the primitive steps (leading order in 1/width, under
+the gradient-independence assumption; DESIGN.md section 2), side by side per primitive.
+
+Forward state at a point (`Point`): the kernel ``K = E[x_i . x_j]/width`` and the kernel of the
+per-token coordinate means ``M = E[xbar_i xbar_j]`` (sinusoidal positions and activations give
+tokens an O(1) coordinate mean that LayerNorm removes).  Backward state: the gradient kernel
+``G = E[g_i . g_j]/width`` of g = dL/dx.
+
+* Linear ``y = x W + b``, W iid with variance s^2, b with variance s_b^2:
+  ``K_y = s^2 fan_in K_x + s_b^2``, ``M_y = K_y / fan_out``, ``G_x = s^2 fan_out G_y``,
+  ``E||dL/dW||^2 = fan_in fan_out sum_ij K_x(i,j) G_y(i,j)``, ``E||dL/db||^2 = fan_out sum_ij G_y``.
+* Activation: ``K = E[phi(u_i) phi(u_j)]``, ``M = mu_i mu_j + (K - mu_i mu_j)/width``,
+  ``G_u = E[phi'(u_i) phi'(u_j)] G``  (see `gaussian`).
+* Product (gate) of independent a, b: ``K = K_a K_b``, ``G_a = K_b G``, ``G_b = K_a G``.
+* Norm (LayerNorm: centre, then divide by the RMS; RMSNorm: divide by the RMS), gain 1:
+  ``K_y(i,j) = C(i,j) / (s_i s_j)`` with ``C = K - M`` (LayerNorm) or ``K`` (RMSNorm) and
+  ``s_i^2 = C(i,i) + eps``.  Backward: the Jacobian is ``(1/s)(I - e e^T - u u^T)`` (Xiong et al.
+  2020, Lemma 3; u the output direction, e = 1/sqrt(d) only for LayerNorm); for an isotropic
+  gradient ``E[(P_i g_i).(P_j g_j)] = G(i,j) tr(P_i P_j)`` with ``tr = d - p - 1 + rho_ij^2``
+  (i != j) or ``d - p`` (i = j), p the number of projected directions; so
+  ``G_x(i,j) = G_y(i,j) tr(P_i P_j) / (d s_i s_j)`` -- the O(1/d) factor is kept (it compounds
+  over depth).  Gain gradient: ``E||dL/dgain||^2 = d sum_ij K_y(i,j) G_y(i,j)``.
+* Scale by c: K, M and G scale by c^2.
+* Add ``alpha a + beta b``: kernels add with weights alpha^2, beta^2 (cross terms vanish because
+  each branch ends in a zero-mean random weight); backward ``G_a += alpha^2 G``, ``G_b += beta^2 G``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from normfield.theory import gaussian
+from normfield.theory.kernels import Blocks, pair_sum
+
+
+@dataclass(frozen=True)
+class Point:
+    k: Blocks
+    m: Blocks
+    width: int
+
+
+def linear_forward(x: Point, var_w: float, var_b: float, fan_out: int) -> Point:
+    n = x.k.w.shape[0]
+    k = x.k * (var_w * x.width) + Blocks.full(n, var_b, var_b)
+    return Point(k, k * (1.0 / fan_out), fan_out)
+
+
+def linear_backward(g: Blocks, var_w: float, fan_out: int) -> Blocks:
+    return g * (var_w * fan_out)
+
+
+def linear_grad_sq(x: Point, g: Blocks, fan_out: int, batch_size: int) -> float:
+    return x.width * fan_out * pair_sum(x.k, g, batch_size)
+
+
+def bias_grad_sq(g: Blocks, fan_out: int, batch_size: int) -> float:
+    ones = Blocks.full(g.w.shape[0], 1.0, 1.0)
+    return fan_out * pair_sum(ones, g, batch_size)
+
+
+def activation_forward(u: Point, name: str) -> tuple[Point, Blocks]:
+    """Returns the output point and E[phi'(u_i) phi'(u_j)] (the backward factor)."""
+    pairs = [u.k.map(lambda blk, di, dj, i=i: gaussian.pair_expectations(name, di, dj, blk)[i])
+             for i in (0, 1)]
+    k, dk = pairs
+    mu = gaussian.mean(name, u.k.diag)
+    mm = np.outer(mu, mu)
+    means = Blocks(mm, mm)
+    m = means + (k + means * -1.0) * (1.0 / u.width)
+    return Point(k, m, u.width), dk
+
+
+def _norm_stats(x: Point, kind: str, eps: float):
+    c = x.k + x.m * -1.0 if kind == "layernorm" else x.k
+    scale = np.sqrt(c.diag + eps)
+    inv = 1.0 / np.outer(scale, scale)
+    return c, inv
+
+
+def norm_forward(x: Point, kind: str, eps: float) -> Point:
+    c, inv = _norm_stats(x, kind, eps)
+    k = c * Blocks(inv, inv)
+    m = Blocks.full(k.w.shape[0], 0.0, 0.0) if kind == "layernorm" else x.m * Blocks(inv, inv)
+    return Point(k, m, x.width)
+
+
+def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Blocks:
+    _, inv = _norm_stats(x, kind, eps)
+    d = x.width
+    p = 2 if kind == "layernorm" else 1
+    rho = y.k.map(lambda blk, di, dj: blk / np.sqrt(np.maximum(di * dj, 1e-300)))
+    trace = Blocks((d - p - 1 + rho.w ** 2) / d, (d - p - 1 + rho.c ** 2) / d)
+    np.fill_diagonal(trace.w, (d - p) / d)
+    return g * trace * Blocks(inv, inv)
+
+
+def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
+    return y.width * pair_sum(y.k, g, batch_size)
