@@ -1,0 +1,147 @@
+"""`normfield validate`: theory against probe over a grid of architectures, as an error table.
+
+For every configuration the probe measures ``sqrt(mean_seeds ||dL/dW||^2)`` with its standard
+error and the theory predicts the same number; the relative error ``theory / measured - 1`` is
+tabulated per parameter and layer.  The summary prints, per placement / mask / parameter, the
+median, 95th-percentile and worst |relative error| next to the median measurement standard
+error (so that an error can be told from noise), and the median error per d_model (the theory
+is leading order in 1/width: its error should shrink as width grows).
+
+Results are saved per configuration as soon as they exist (atomic JSON, resumable) under
+``out/``, and the rows as ``out/errors.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+
+from normfield.arch import Arch
+from normfield.probe.measure import measure_grad_norms
+from normfield.profile import GradProfile, atomic_write_text
+from normfield.progress import progress
+from normfield.theory.predict import predict
+
+QUICK_GRID = dict(placement=("post", "pre"), mask=("bidirectional",), activation=("relu",),
+                  depth=(2, 6), d_model=(64, 128), seq_len=(16,), seeds=32)
+FULL_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
+                 activation=("relu", "gelu"), depth=(2, 6, 12, 24, 48),
+                 d_model=(128, 256, 512, 1024), seq_len=(16, 64, 256), seeds=64)
+SUMMARY_GROUPS = (("attn.v", "attn.o", "ffn.w1", "ffn.w2", "embed.tok", "head.out"),
+                  ("attn.q", "attn.k"))
+
+
+def grid_archs(grid: dict, **fixed) -> list[Arch]:
+    keys = ("placement", "mask", "activation", "depth", "d_model", "seq_len")
+    archs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        kw = dict(zip(keys, values))
+        d = kw["d_model"]
+        archs.append(Arch(n_heads=max(1, d // 64), d_ff=4 * d, batch_size=2,
+                          vocab_size=512, **kw, **fixed))
+    return archs
+
+
+def config_name(arch: Arch) -> str:
+    return (f"{arch.placement}-{arch.mask}-{arch.activation}-L{arch.depth}-d{arch.d_model}"
+            f"-n{arch.seq_len}-b{arch.batch_size}")
+
+
+def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
+    """One row per (parameter, layer): relative error and relative standard error."""
+    a = measured.arch
+    rows = []
+    for name, values in measured.grads.items():
+        if name not in theory.grads or name.endswith(".bias"):
+            continue
+        for layer, (t, m, se) in enumerate(zip(theory.grads[name], values, measured.stderr[name])):
+            rows.append({"config": config_name(a), "placement": a.placement, "mask": a.mask,
+                         "activation": a.activation, "depth": a.depth, "d_model": a.d_model,
+                         "seq_len": a.seq_len, "param": name, "layer": layer,
+                         "theory": float(t), "measured": float(m),
+                         "rel_err": float(t / m - 1.0), "rel_se": float(se / m)})
+    return rows
+
+
+def run_grid(archs: list[Arch], seeds: int, out: str, key: int = 0) -> list[dict]:
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for arch in progress(archs, total=len(archs), label="validate"):
+        path = os.path.join(out, config_name(arch) + ".json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                saved = json.load(fh)
+            theory, measured = (GradProfile.from_dict(saved[k]) for k in ("theory", "probe"))
+        else:
+            theory = predict(arch)
+            measured = measure_grad_norms(arch, seeds=seeds, key=key, chunk=min(seeds, 16))
+            atomic_write_text(path, json.dumps({"theory": theory.to_dict(),
+                                                "probe": measured.to_dict()}))
+        rows.extend(compare(theory, measured))
+    return rows
+
+
+def _stats(rows: list[dict]) -> tuple[float, float, float, float]:
+    err = np.abs([r["rel_err"] for r in rows])
+    se = np.array([r["rel_se"] for r in rows])
+    return (float(np.median(err)), float(np.percentile(err, 95)), float(err.max()),
+            float(np.median(se)))
+
+
+def summarize(rows: list[dict]) -> str:
+    """The printed error table (percent)."""
+    lines = [f"{'placement':10s} {'mask':13s} {'params':34s} {'n':>5s} {'median':>7s} "
+             f"{'p95':>7s} {'worst':>7s} {'med.se':>7s}"]
+    for (placement, mask), params in itertools.product(
+            sorted({(r["placement"], r["mask"]) for r in rows}), SUMMARY_GROUPS):
+        sel = [r for r in rows if r["placement"] == placement and r["mask"] == mask
+               and r["param"] in params]
+        if sel:
+            med, p95, worst, se = _stats(sel)
+            lines.append(f"{placement:10s} {mask:13s} {' '.join(params):34.34s} {len(sel):5d} "
+                         f"{100 * med:6.2f}% {100 * p95:6.2f}% {100 * worst:6.2f}% {100 * se:6.2f}%")
+    lines.append("")
+    lines.append("per parameter and depth (median / worst |error|, %):")
+    for placement, param in sorted({(r["placement"], r["param"]) for r in rows}):
+        cells = []
+        for depth in sorted({r["depth"] for r in rows}):
+            sel = [r for r in rows if r["placement"] == placement and r["param"] == param
+                   and r["depth"] == depth]
+            if sel:
+                med, _, worst, _ = _stats(sel)
+                cells.append(f"L{depth}: {100 * med:5.1f}/{100 * worst:5.1f}")
+        lines.append(f"  {placement:10s} {param:18s} " + "  ".join(cells))
+    lines.append("")
+    lines.append("error trend with width (median |error| over all parameters and layers, %):")
+    for placement in sorted({r["placement"] for r in rows}):
+        for group in SUMMARY_GROUPS:
+            cells = []
+            for d in sorted({r["d_model"] for r in rows}):
+                sel = [r for r in rows if r["placement"] == placement and r["d_model"] == d
+                       and r["param"] in group]
+                if sel:
+                    cells.append(f"d={d}: {100 * _stats(sel)[0]:5.2f}")
+            lines.append(f"  {placement:10s} {group[0]:8s}... " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None) -> int:
+    grid = QUICK_GRID if quick else FULL_GRID
+    seeds = seeds or grid["seeds"]
+    start = time.perf_counter()
+    rows = run_grid(grid_archs(grid), seeds, out)
+    with open(os.path.join(out, "errors.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summarize(rows)
+    atomic_write_text(os.path.join(out, "summary.txt"), table + "\n")
+    print(table)
+    print(f"\n{len(rows)} rows from {len({r['config'] for r in rows})} configurations, "
+          f"{seeds} seeds each, {time.perf_counter() - start:.0f} s; saved under {out}/")
+    return 0
