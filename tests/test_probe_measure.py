@@ -30,6 +30,9 @@ ARCH_KW = dict(depth=3, placement="mixln", placement_options=(("post_fraction", 
                activation="gelu", mask="causal", bias=True)
 ARCH = Arch(**ARCH_KW)
 SEEDS, KEY = 8, 3
+# LLVM optimization off for this file's own one-off functions (a third of the compile time;
+# numerics equal up to float32 rounding); measure_grad_norms itself is compiled as usual
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +56,7 @@ def grads_three_ways():
     def lossgrad(p, t, y, unroll=False):
         return jax.value_and_grad(lambda q: loss_fn(ARCH, q, t, y, unroll=unroll)[0])(p)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(p, t, y):
         scan = lossgrad(p, t, y)
         unrolled = lossgrad(p, t, y, unroll=True)
@@ -67,6 +70,13 @@ def grads_three_ways():
 
 # d loss / d b_k is exactly zero (softmax is invariant to adding q.b_k to every key's logit)
 ZERO_GRAD = ("attn.k.bias",)
+
+
+def _sq_close(name, got, want, ref_sq):
+    """Squared norms equal to float32 rounding; the exactly-zero key-bias gradient is float32
+    noise, compared against the scale of the query gradient instead."""
+    atol = 1e-8 * np.max(ref_sq["attn.q"]) if name in ZERO_GRAD else 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
 
 
 def _leaves(tree):
@@ -105,15 +115,16 @@ def test_batch_gradient_is_mean_of_per_sequence_gradients():
 def test_vmap_over_seeds_equals_loop_over_one_seed():
     prof = measured()
     keys = jax.random.split(jax.random.PRNGKey(KEY), SEEDS)
-    single = jax.jit(functools.partial(one_seed, ARCH, "float32"))
+    single = jax.jit(functools.partial(one_seed, ARCH, "float32"), compiler_options=FAST_COMPILE)
     with jax.default_matmul_precision("highest"):
         loop = [jax.tree_util.tree_map(np.asarray, single(k)) for k in keys]
     assert set(prof.per_seed_sq) == set(loop[0][0])
     for name, values in prof.per_seed_sq.items():
         expect = np.stack([sq[name] for sq, _ in loop])
         assert values.shape == expect.shape == (SEEDS, ARCH.depth if expect.shape[1] > 1 else 1)
-        np.testing.assert_allclose(values, expect, rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(prof.grads[name], np.sqrt(expect.mean(axis=0)), rtol=1e-5)
+        _sq_close(name, values, expect, prof.per_seed_sq)
+        if name not in ZERO_GRAD:
+            np.testing.assert_allclose(prof.grads[name], np.sqrt(expect.mean(axis=0)), rtol=1e-5)
     stats = np.stack([st for _, st in loop])  # (seeds, depth + 1, 3)
     np.testing.assert_allclose(prof.activations["sq_norm"], stats[:, :, 0].mean(0), rtol=1e-5)
     np.testing.assert_allclose(prof.activations["cos_within"], stats[:, :, 1].mean(0),
@@ -229,7 +240,6 @@ def test_sharded_seed_axis_equals_single_device():
     ref = measured()  # in-process: the default single CPU device
     assert set(out["per_seed_sq"]) == set(ref.per_seed_sq)
     for name, values in out["per_seed_sq"].items():
-        np.testing.assert_allclose(np.asarray(values), ref.per_seed_sq[name], rtol=1e-5,
-                                   err_msg=name)
+        _sq_close(name, np.asarray(values), ref.per_seed_sq[name], ref.per_seed_sq)
     for k, values in out["activations"].items():
         np.testing.assert_allclose(np.asarray(values), ref.activations[k], rtol=1e-5, atol=1e-7)
