@@ -18,8 +18,9 @@ tokens an O(1) coordinate mean that LayerNorm removes).  Backward state: the gra
   2020, Lemma 3; u the output direction, e = 1/sqrt(d) only for LayerNorm); for an isotropic
   gradient ``E[(P_i g_i).(P_j g_j)] = G(i,j) tr(P_i P_j)`` with ``tr = d - p - 1 + rho_ij^2``
   (i != j) or ``d - p`` (i = j), p the number of projected directions; so
-  ``G_x(i,j) = G_y(i,j) tr(P_i P_j) / (d s_i s_j)`` -- the O(1/d) factor is kept (it compounds
-  over depth).  Gain gradient: ``E||dL/dgain||^2 = d sum_ij K_y(i,j) G_y(i,j)``.
+  ``G_x(i,j) = G_y(i,j) E[1/(s_i s_j)] tr(P_i P_j) / d`` with the Jensen factor of the random
+  per-token scales (see `norm_backward`) -- both O(1/d) factors are kept (they compound over
+  depth).  Gain gradient: ``E||dL/dgain||^2 = d sum_ij K_y(i,j) G_y(i,j)``.
 * Scale by c: K, M and G scale by c^2.
 * Add ``alpha a + beta b``: kernels add with weights alpha^2, beta^2 (cross terms vanish because
   each branch ends in a zero-mean random weight); backward ``G_a += alpha^2 G``, ``G_b += beta^2 G``.
@@ -88,13 +89,25 @@ def norm_forward(x: Point, kind: str, eps: float) -> Point:
 
 
 def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Blocks:
+    """G_x(i,j) = G_y(i,j) E[1/(s_i s_j)] tr(P_i P_j)/d, both factors to O(1/d).
+
+    ``E[1/(s_i s_j)]`` treats the per-token mean squares as chi-square with k = d - 1
+    (LayerNorm) or d (RMSNorm) degrees of freedom (Gaussian coordinates): exactly
+    ``k/(k-2)`` times ``1/C(i,i)`` on the diagonal, and by the delta method
+    ``(1 + (3/2 + rho^2/2)/k) / sqrt(C(i,i) C(j,j))`` off it.  This Jensen factor and the
+    projection's ``tr(P_i P_j)/d`` nearly cancel on the diagonal; keeping only one of them
+    biases every norm's backward map by O(1/d), which compounds over depth in Post-LN."""
     _, inv = _norm_stats(x, kind, eps)
     d = x.width
-    p = 2 if kind == "layernorm" else 1
+    p, k = (2, d - 1) if kind == "layernorm" else (1, d)
     rho = y.k.map(lambda blk, di, dj: blk / np.sqrt(np.maximum(di * dj, 1e-300)))
-    trace = Blocks((d - p - 1 + rho.w ** 2) / d, (d - p - 1 + rho.c ** 2) / d)
-    np.fill_diagonal(trace.w, (d - p) / d)
-    return g * trace * Blocks(inv, inv)
+
+    def factor(r):
+        return (d - p - 1 + r ** 2) / d * (1.0 + (1.5 + 0.5 * r ** 2) / k)
+
+    fac = Blocks(factor(rho.w), factor(rho.c))
+    np.fill_diagonal(fac.w, (d - p) / d * k / (k - 2))
+    return g * fac * Blocks(inv, inv)
 
 
 def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
