@@ -1,0 +1,302 @@
+"""Benchmark of the normfield probe (JAX) and theory on one device.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results/<device>.json]
+
+Measures, in one process on ``jax.devices()[0]``:
+  * dense matmul peak (jit'ed square matmul) in fp32 (precision highest), TF32 and bf16
+    (bf16 operands, fp32 accumulation, as the probe's bf16 mode);
+  * the probe (`normfield.probe.measure._run_chunk`, all seeds in one vmapped call) at the
+    GPT-2-small shape (or a small shape with --quick), for float32 / tf32 / bfloat16:
+    steady-state seconds per call, achieved TFLOP/s from the analytic FLOP count below, fraction
+    of that precision's matmul peak, and the max relative difference of the per-seed gradient
+    norms against float32;
+  * compile time (``_run_chunk.lower(...).compile()``) at depth 6 and depth 48;
+  * peak device memory (``memory_stats()``; null where the backend has none, e.g. CPU);
+  * an optional PyTorch reference (`torch_reference.py`; skipped when torch is missing);
+  * the theory (`predict_grad_norms`) time at depth 12, 48 (seq_len 128), 1000 and 10000
+    (seq_len 16), and theory vs probe time at the benchmark shape.
+
+FLOP count (per seed; multiply-add = 2 FLOPs; T = batch*seq tokens, n = seq, d = d_model):
+  forward = depth * (2*T*(4*d^2 + 2*d*d_ff) + 4*batch*n^2*d) + 2*T*d*vocab
+  (QKVO + FFN matmuls, QK^T and AV attention, untied head), forward+backward = 3 * forward.
+  Norms, softmax, embedding gathers and the stream statistics are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # theory timings: single-threaded BLAS
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normfield import Arch
+from normfield.probe.measure import MATMUL_PRECISION, _run_chunk
+from normfield.theory.predict import predict_grad_norms
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PLACEMENT = "post"  # bidirectional Post-LN (the Arch default mask is bidirectional)
+FULL_SHAPE = dict(d_model=768, n_heads=12, d_ff=3072, depth=12, seq_len=512, batch_size=4,
+                  vocab_size=8192)
+QUICK_SHAPE = dict(d_model=128, n_heads=2, d_ff=512, depth=4, seq_len=64, batch_size=2,
+                   vocab_size=512)
+PRECISIONS = ("float32", "tf32", "bfloat16")
+
+
+def forward_flops(shape: dict) -> float:
+    d, f, n, b = shape["d_model"], shape["d_ff"], shape["seq_len"], shape["batch_size"]
+    t = b * n
+    per_layer = 2 * t * (4 * d * d + 2 * d * f) + 4 * b * n * n * d
+    return shape["depth"] * per_layer + 2 * t * d * shape["vocab_size"]
+
+
+def train_flops(shape: dict, seeds: int) -> float:
+    return 3.0 * forward_flops(shape) * seeds
+
+
+def timed(fn, min_time: float, min_iters: int = 3, max_iters: int = 50) -> list[float]:
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_iters or (time.perf_counter() - start < min_time
+                                     and len(times) < max_iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return times
+
+
+# ---- matmul peak -------------------------------------------------------------------------------
+def matmul_peak(size: int, min_time: float) -> dict:
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (size, size), jnp.float32)
+    b = jax.random.normal(kb, (size, size), jnp.float32)
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    flops = 2.0 * size ** 3
+    out = {}
+    cases = {
+        "float32": ("highest", lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST),
+                    a, b),
+        "tf32": ("tensorfloat32", lambda x, y: jnp.matmul(x, y), a, b),
+        "bfloat16": ("default", lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32),
+                     a16, b16),
+    }
+    for name, (prec, fn, x, y) in cases.items():
+        with jax.default_matmul_precision(prec):
+            f = jax.jit(fn)
+            jax.block_until_ready(f(x, y))  # compile + warm-up
+            jax.block_until_ready(f(x, y))
+            times = timed(lambda: f(x, y), min_time)
+        best = min(times)
+        out[name] = {"size": size, "seconds": best, "tflops": flops / best / 1e12,
+                     "iters": len(times)}
+        print(f"  matmul {name:9s} {size}^3: {flops / best / 1e12:8.3f} TFLOP/s", flush=True)
+    return out
+
+
+# ---- probe -------------------------------------------------------------------------------------
+def make_arch(shape: dict, **changes) -> Arch:
+    return Arch(placement=PLACEMENT, **{**shape, **changes})
+
+
+def probe_call(arch, precision, keys):
+    with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
+        return jax.block_until_ready(_run_chunk(arch, precision, keys))
+
+
+def per_seed_norms(sq) -> np.ndarray:
+    return np.concatenate([np.sqrt(np.asarray(v, np.float64)).reshape(-1) for _, v in
+                           sorted(sq.items())])
+
+
+def bench_probe(shape, seeds, peaks, min_time, repeats) -> tuple[dict, dict]:
+    arch = make_arch(shape)
+    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+    flops = train_flops(shape, seeds)
+    out, norms = {}, {}
+    for prec in PRECISIONS:
+        t = time.perf_counter()
+        sq, _ = probe_call(arch, prec, keys)  # compile + first run
+        first = time.perf_counter() - t
+        times = timed(lambda: probe_call(arch, prec, keys), min_time, min_iters=repeats)
+        steady = statistics.median(times)
+        norms[prec] = per_seed_norms(sq)
+        tflops = flops / steady / 1e12
+        out[prec] = {"seconds_per_call": steady, "seconds_min": min(times), "iters": len(times),
+                     "first_call_seconds": first, "compile_seconds_est": first - steady,
+                     "tflops": tflops, "fraction_of_peak": tflops / peaks[prec]["tflops"]}
+        print(f"  probe {prec:9s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
+              f"({100 * tflops / peaks[prec]['tflops']:.1f}% of peak)", flush=True)
+    ref = norms["float32"]
+    for prec in ("tf32", "bfloat16"):
+        rel = np.abs(norms[prec] - ref) / np.maximum(np.abs(ref), 1e-30)
+        out[prec]["max_rel_diff_vs_float32"] = float(rel.max())
+        out[prec]["median_rel_diff_vs_float32"] = float(np.median(rel))
+    return out, {"flops_per_call": flops, "seeds": seeds}
+
+
+def compile_time(shape, depth, seeds, precision="float32") -> float:
+    arch = make_arch(shape, depth=depth)
+    keys = jax.random.split(jax.random.PRNGKey(1), seeds)
+    with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
+        t = time.perf_counter()
+        _run_chunk.lower(arch, precision, keys).compile()
+        return time.perf_counter() - t
+
+
+def memory_peak():
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        stats = None
+    if not stats:
+        return None
+    return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+# ---- theory ------------------------------------------------------------------------------------
+def theory_time(shape, depth, seq_len) -> float:
+    fields = {k: v for k, v in shape.items() if k not in ("depth", "seq_len")}
+    t = time.perf_counter()
+    predict_grad_norms(depth, PLACEMENT, seq_len=seq_len, **fields)
+    return time.perf_counter() - t
+
+
+# ---- main --------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU / smoke test)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    p.add_argument("--theory-10000", action="store_true",
+                   help="also time the theory at depth 10000 in --quick mode")
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    kind = str(dev.device_kind)
+    on_cpu = dev.platform == "cpu"
+    quick = args.quick
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    seeds = 4 if quick else 8
+    mm_size = 1024 if quick else (2048 if on_cpu else 8192)
+    min_time = 0.3 if quick else 1.0
+    repeats = 3 if quick else 5
+    print(f"device {kind} ({dev.platform}), jax {jax.__version__}, "
+          f"{'quick' if quick else 'full'} mode", flush=True)
+
+    res = {"device": kind, "platform": dev.platform, "n_devices": jax.local_device_count(),
+           "jax_version": jax.__version__, "numpy_version": np.__version__,
+           "python": platform.python_version(), "host": platform.platform(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "mode": "quick" if quick else "full", "placement": PLACEMENT, "shape": shape,
+           "seeds": seeds, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+           "flop_formula": ("3 * [depth*(2*T*(4d^2 + 2*d*d_ff) + 4*B*n^2*d) + 2*T*d*V] per seed, "
+                            "T = B*n; norms/softmax/gathers not counted")}
+
+    print("matmul peak:", flush=True)
+    res["matmul_peak"] = matmul_peak(mm_size, min_time)
+
+    print("probe:", flush=True)
+    res["probe"], info = bench_probe(shape, seeds, res["matmul_peak"], min_time, repeats)
+    res.update(info)
+    res["peak_memory"] = memory_peak()
+
+    print("compile time:", flush=True)
+    c6, c48 = compile_time(shape, 6, seeds), compile_time(shape, 48, seeds)
+    res["compile"] = {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
+                      "method": "_run_chunk.lower(arch, 'float32', keys).compile()"}
+    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s", flush=True)
+
+    print("torch reference:", flush=True)
+    try:
+        import torch_reference
+        tr = torch_reference.run(shape, seeds)
+    except Exception as exc:
+        print(f"  torch reference failed: {exc!r}")
+        tr = {"error": repr(exc)}
+    if tr and "seconds_per_seed_batch" in tr:
+        tr["probe_over_torch_time"] = (res["probe"]["float32"]["seconds_per_call"]
+                                       / tr["seconds_per_seed_batch"])
+    res["torch_reference"] = tr
+
+    print("theory:", flush=True)
+    theory = {}
+    runs = [(12, 128), (48, 128), (1000, 16)]
+    if not quick or args.theory_10000:
+        runs.append((10000, 16))
+    else:
+        theory["10000"] = {"skipped": "quick mode (~90 s on a loaded 2-core CPU); "
+                                      "use --theory-10000"}
+    for depth, n in runs:
+        s = theory_time(shape, depth, n)
+        theory[str(depth)] = {"seq_len": n, "seconds": s}
+        print(f"  depth {depth:5d} seq {n:3d}: {s:.2f} s", flush=True)
+    bench = theory_time(shape, shape["depth"], shape["seq_len"])
+    probe_t = res["probe"]["float32"]["seconds_per_call"]
+    theory["benchmark_shape"] = {"seconds": bench, "probe_float32_seconds_per_seed_batch": probe_t,
+                                 "theory_over_probe_time": bench / probe_t}
+    res["theory"] = theory
+    res["theory_note"] = ("other Arch fields as the benchmark shape; depths 1000/10000 at "
+                          "seq_len 16, 12/48 at seq_len 128")
+
+    print_table(res)
+    out = args.out or os.path.join("benchmarks", "results",
+                                   re.sub(r"[^A-Za-z0-9_.-]+", "-", kind).strip("-") + ".json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=2)
+    print(f"saved {out}")
+    return res
+
+
+def print_table(r: dict) -> None:
+    s = r["shape"]
+    print()
+    print(f"normfield benchmark - {r['device']} - jax {r['jax_version']} - {r['date']} "
+          f"({r['mode']})")
+    print(f"shape: d {s['d_model']}, heads {s['n_heads']}, d_ff {s['d_ff']}, depth {s['depth']}, "
+          f"seq {s['seq_len']}, batch {s['batch_size']}, vocab {s['vocab_size']}, "
+          f"{r['seeds']} seeds, {r['placement']}-LN; {r['flops_per_call'] / 1e9:.2f} GFLOP/call")
+    print(f"{'precision':10s} {'peak TF/s':>10s} {'probe s/call':>13s} {'probe TF/s':>11s} "
+          f"{'% peak':>7s} {'max rel diff':>13s}")
+    for prec in PRECISIONS:
+        pk, pr = r["matmul_peak"][prec], r["probe"][prec]
+        diff = pr.get("max_rel_diff_vs_float32")
+        print(f"{prec:10s} {pk['tflops']:10.4f} {pr['seconds_per_call']:13.4f} "
+              f"{pr['tflops']:11.4f} {100 * pr['fraction_of_peak']:6.1f}% "
+              f"{'-' if diff is None else f'{diff:.2e}':>13s}")
+    c = r["compile"]
+    print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
+          f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
+    pm = r["peak_memory"]
+    print("peak device memory: " + ("null (not reported by this backend)" if pm is None else
+                                    f"{pm.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB"))
+    tr = r["torch_reference"]
+    if tr and "seconds_per_seed_batch" in tr:
+        print(f"torch reference: {tr['seconds_per_seed_batch']:.4f} s/seed batch, "
+              f"probe/torch time {tr['probe_over_torch_time']:.3f}")
+    else:
+        print("torch reference: skipped (torch not importable)" if not tr else
+              f"torch reference: {tr}")
+    th = r["theory"]
+    for key in ("12", "48", "1000", "10000"):
+        e = th[key]
+        print(f"theory depth {key:>5s}: " + (f"{e['seconds']:.2f} s (seq {e['seq_len']})"
+                                             if "seconds" in e else f"skipped: {e['skipped']}"))
+    b = th["benchmark_shape"]
+    print(f"theory at benchmark shape: {b['seconds']:.3f} s vs probe float32 "
+          f"{b['probe_float32_seconds_per_seed_batch']:.4f} s/seed batch "
+          f"-> theory/probe time {b['theory_over_probe_time']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
