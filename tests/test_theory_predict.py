@@ -1,0 +1,37 @@
+"""Properties of the mean-field interpreter `normfield.predict` / `predict_grad_norms`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from normfield import Arch, predict, predict_grad_norms
+from normfield.placements import layer_params
+from normfield.probe.model import global_params
+
+SMALL = dict(seq_len=4, d_model=64, n_heads=4, d_ff=128, batch_size=2, vocab_size=64)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "deepnorm"])
+def test_all_probe_parameters_present(placement):
+    arch = Arch(depth=2, placement=placement, **SMALL)
+    prof = predict(arch)
+    assert set(prof.names) == set(layer_params(arch)) | set(global_params(arch))
+    for name in layer_params(arch):
+        assert prof[name].shape == (2,) and np.all(np.isfinite(prof[name]))
+
+
+def test_bad_method_raises():
+    with pytest.raises(ValueError, match="method"):
+        predict(Arch(depth=1, placement="pre", **SMALL), method="exact")
+
+
+def test_post_ln_token_collapse():
+    cos = predict_grad_norms(12, "post", **SMALL).activations["cos_within"]
+    assert np.all(np.diff(cos[1:]) > 0) and cos[-1] > 0.95
+
+
+@pytest.mark.slow
+def test_pre_ln_last_ffn_w2_scales_as_inverse_sqrt_depth():
+    vals = [predict_grad_norms(L, "pre", **SMALL)["ffn.w2"][-1] * np.sqrt(L) for L in (50, 100, 200)]
+    assert max(vals) / min(vals) < 1.04, vals
