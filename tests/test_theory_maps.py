@@ -215,9 +215,7 @@ def test_norm_forward_population_vs_mc(kind):
 @pytest.mark.parametrize("kind,d,with_means", [
     ("layernorm", 64, True), ("layernorm", 256, True), ("rmsnorm", 64, False),
     ("rmsnorm", 256, False),
-    pytest.param("rmsnorm", 64, True, marks=pytest.mark.xfail(strict=False, reason=(
-        "maps.norm_backward uses the central chi-square Jensen factor k/(k-2) for RMSNorm even "
-        "when M != 0; with coordinate means the mean square is non-central and fluctuates less"))),
+    ("rmsnorm", 64, True),
 ])
 def test_norm_backward_factor_vs_mc(kind, d, with_means):
     """Isotropic gradients with kernel G through the exact Jacobian of the norm (eps = 0:

@@ -12,8 +12,9 @@ to the keys a row sees is replaced by a common part (which cancels in the softma
 independent parts of variance ``r_k(S) = n/(n-1) (mean diag K_k - mean K_k)`` over the allowed
 set S, so that row i's logits fluctuate with variance ``v_i = K_q(i, i) r_k(S_i)`` and rows
 i, i' are correlated with ``rho = K_q(i, i') / sqrt(K_q(i, i) K_q(i', i'))``.  A pair of distinct
-rows with different variances (causal masks) is evaluated at the geometric mean of the two,
-rounded to a 1% grid in log v (so that few distinct variances need softmax moments).  Sets are
+rows with different variances (causal masks) is evaluated at the geometric mean of the two;
+variances are rounded to a 1% grid in log v (`quantize`) so that few distinct variances need
+softmax moments.  Sets are
 prefixes (bidirectional: the whole sequence; causal: keys 0..i), so two rows share the keys
 of the shorter one, n1 = min(n_i, n_i') of them.  Then, by exchangeability and the sum rule
 ``sum_j Delta_ij = 0``:
@@ -58,18 +59,41 @@ class Mask:
         allowed = np.arange(n)[None, :] < row_len[:, None]
         return Mask(row_len, allowed / row_len[:, None])
 
+    def left(self, x: np.ndarray) -> np.ndarray:
+        """``Abar @ x`` in O(n^2): row i is the mean of the first row_len[i] rows of x."""
+        return np.cumsum(x, axis=0)[self.row_len - 1] / self.row_len[:, None]
+
+    def left_t(self, x: np.ndarray) -> np.ndarray:
+        """``Abar.T @ x`` in O(n^2): row j sums x_i / row_len[i] over the rows i that see key j."""
+        n = x.shape[0]
+        by_len = np.zeros((n + 1,) + x.shape[1:])
+        np.add.at(by_len, self.row_len, x / self.row_len[:, None])
+        return np.cumsum(by_len[::-1], axis=0)[::-1][1:]
+
+    def sandwich(self, x: np.ndarray) -> np.ndarray:
+        """``Abar @ x @ Abar.T``."""
+        return self.left(self.left(x).T).T
+
+    def sandwich_t(self, x: np.ndarray) -> np.ndarray:
+        """``Abar.T @ x @ Abar``."""
+        return self.left_t(self.left_t(x).T).T
+
     def pair_sets(self):
         """(n1, n2) for every pair of rows: shared and larger prefix lengths."""
         a, b = self.row_len[:, None], self.row_len[None, :]
         return np.minimum(a, b), np.maximum(a, b)
 
 
-def quantize(v: np.ndarray, digits: int = 4) -> np.ndarray:
-    """Round logit variances to `digits` significant digits (relative change <= 5e-5), so that
-    rows whose variances differ only by a norm's epsilon share one softmax-moment evaluation."""
+LOG_STEP = 0.01
+
+
+def quantize(v: np.ndarray) -> np.ndarray:
+    """Round logit variances to a grid with step 1% in log v (relative change <= 0.5%), so that
+    rows, layers and calls with nearly equal variances share one (cached) softmax-moment
+    evaluation.  The softmax fluctuation terms change by at most ~1% of themselves."""
     v = np.asarray(v, float)
-    scale = 10.0 ** (np.floor(np.log10(np.maximum(np.abs(v), 1e-300))) - digits + 1)
-    return np.where(v > 0, np.round(v / scale) * scale, 0.0)
+    safe = np.maximum(v, 1e-300)
+    return np.where(v > 0, np.exp(np.round(np.log(safe) / LOG_STEP) * LOG_STEP), 0.0)
 
 
 def prefix_spread(k: np.ndarray) -> np.ndarray:
@@ -97,19 +121,22 @@ def _spread_by_set(weights: np.ndarray, n1: np.ndarray) -> np.ndarray:
     return np.diag(suffix) - u[np.maximum(idx[:, None], idx[None, :])]
 
 
-def _mean_query_term(a, kk, kv):
+def _mean_query_term(mask: Mask, kk, kv):
     """sum_jj' Abar_ij Abar_i'j' K_k(j,j') Cov_v(ij, i'j') with
     Cov_v = K_v(j,j') - (K_v Abar^T)(j,i') - (Abar K_v)(i,j') + (Abar K_v Abar^T)(i,i')."""
-    x, y = kv @ a.T, a @ kv
-    return (a @ (kk * kv) @ a.T - a @ (x * (kk @ a.T)) - (y * (a @ kk)) @ a.T
-            + (a @ kv @ a.T) * (a @ kk @ a.T))
+    x, y = mask.left(kv.T).T, mask.left(kv)  # K_v Abar^T, Abar K_v
+    kk_r, kk_l = mask.left(kk.T).T, mask.left(kk)  # K_k Abar^T, Abar K_k
+    return (mask.sandwich(kk * kv) - mask.left(x * kk_r) - mask.left((y * kk_l).T).T
+            + mask.sandwich(kv) * mask.sandwich(kk))
 
 
-def _mean_key_term(a, w, kv):
+def _mean_key_term(mask: Mask, w, kv):
     """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j')."""
-    x, y = kv @ a.T, a @ kv
-    return ((a.T @ w @ a) * kv - ((a.T @ w) * x) @ a - a.T @ ((w @ a) * y)
-            + a.T @ (w * (a @ kv @ a.T)) @ a)
+    x, y = mask.left(kv.T).T, mask.left(kv)
+    wa = mask.left_t(w.T).T  # W Abar
+    atw = mask.left_t(w)  # Abar^T W
+    return (mask.sandwich_t(w) * kv - mask.left_t((atw * x).T).T - mask.left_t(wa * y)
+            + mask.sandwich_t(w * mask.sandwich(kv)))
 
 
 @dataclass
@@ -137,18 +164,14 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     n1, n2 = mask.pair_sets()
     rk_set, rv_set = independent_variance(kk.w), independent_variance(kv.w)
     row_var = quantize(np.diag(kq.w) * rk_set[mask.row_len - 1])
-    v1 = v2 = np.sqrt(row_var[:, None] * row_var[None, :])
-    if np.ptp(row_var) > 0:  # distinct rows: geometric mean of the two on a 1% grid
-        v1 = v2 = np.exp(np.round(np.log(np.maximum(v1, 1e-300)) * 100.0) / 100.0)
-        np.fill_diagonal(v1, row_var)
+    v1 = v2 = quantize(np.sqrt(row_var[:, None] * row_var[None, :]))
     qd = np.sqrt(np.diag(kq.w))
     rho = np.clip(kq.w / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
     t1, q = pair_moments(n1, n2, v1, v2, rho, method=method)
     a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
-    abar = mask.mean
     spread_v = prefix_spread(kv.w)[n1 - 1]
-    ko = Blocks(abar @ kv.w @ abar.T + a_fluct * spread_v, abar @ kv.c @ abar.T)
+    ko = Blocks(mask.sandwich(kv.w) + a_fluct * spread_v, mask.sandwich(kv.c))
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1)
     return ko, state
 
@@ -156,12 +179,12 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
 def backward(go: Blocks, mask: Mask, st: AttentionState):
     """Per-coordinate gradient kernels (G_q, G_k, G_v) at the queries, keys and values, given
     the gradient kernel G_o at the concatenated head outputs."""
-    a = mask.mean
-    gv = Blocks(a.T @ go.w @ a + _spread_by_set(st.a_fluct * go.w, st.n1), a.T @ go.c @ a)
-    gq = Blocks(go.w * (_mean_query_term(a, st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
-                go.c * _mean_query_term(a, st.kk.c, st.kv.c))
+    gv = Blocks(mask.sandwich_t(go.w) + _spread_by_set(st.a_fluct * go.w, st.n1),
+                mask.sandwich_t(go.c))
+    gq = Blocks(go.w * (_mean_query_term(mask, st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
+                go.c * _mean_query_term(mask, st.kk.c, st.kv.c))
     wk = go * st.kq
     k_fluct = np.where(st.n1 > 1, st.q_fluct / np.maximum(st.n1 - 1, 1), 0.0) * st.rv
-    gk = Blocks(_mean_key_term(a, wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
-                _mean_key_term(a, wk.c, st.kv.c))
+    gk = Blocks(_mean_key_term(mask, wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
+                _mean_key_term(mask, wk.c, st.kv.c))
     return gq, gk, gv

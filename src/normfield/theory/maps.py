@@ -91,19 +91,28 @@ def norm_forward(x: Point, kind: str, eps: float) -> Point:
 def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Blocks:
     """G_x(i,j) = G_y(i,j) E[1/(s_i s_j)] tr(P_i P_j)/d, both factors to O(1/d).
 
-    ``E[1/(s_i s_j)]`` treats the per-token mean squares as chi-square with k = d - 1
-    (LayerNorm) or d (RMSNorm) degrees of freedom (Gaussian coordinates): exactly
-    ``k/(k-2)`` times ``1/C(i,i)`` on the diagonal, and by the delta method
-    ``(1 + (3/2 + rho^2/2)/k) / sqrt(C(i,i) C(j,j))`` off it.  This Jensen factor and the
-    projection's ``tr(P_i P_j)/d`` nearly cancel on the diagonal; keeping only one of them
-    biases every norm's backward map by O(1/d), which compounds over depth in Post-LN."""
+    ``E[1/(s_i s_j)]``: the per-token mean square s_i^2 fluctuates (Gaussian coordinates) with
+    relative variance 2/k_i: k = d - 1 for LayerNorm (centred), and for RMSNorm with a
+    coordinate mean m^2 = M(i,i) and centred variance c = K(i,i) - M(i,i),
+    ``k = d (c + m^2)^2 / (c^2 + 2 m^2 c)``.  Then ``E[1/s_i^2] = k_i/(k_i - 2) / C(i,i)`` on the
+    diagonal and, by the delta method, ``(1 + 3/(4 k_i) + 3/(4 k_j) + rho^2/(2 sqrt(k_i k_j)))
+    / sqrt(C(i,i) C(j,j))`` off it.  This Jensen factor and the projection's ``tr(P_i P_j)/d``
+    nearly cancel on the diagonal; keeping only one of them biases every norm's backward map by
+    O(1/d), which compounds over depth in Post-LN."""
     _, inv = _norm_stats(x, kind, eps)
     d = x.width
-    p, k = (2, d - 1) if kind == "layernorm" else (1, d)
+    if kind == "layernorm":
+        p, k = 2, np.full(x.k.w.shape[0], d - 1.0)
+    else:
+        m2 = np.diag(x.m.w)
+        c = np.maximum(x.k.diag - m2, 1e-300)
+        p, k = 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
     rho = y.k.map(lambda blk, di, dj: blk / np.sqrt(np.maximum(di * dj, 1e-300)))
+    ki, kj = k[:, None], k[None, :]
 
     def factor(r):
-        return (d - p - 1 + r ** 2) / d * (1.0 + (1.5 + 0.5 * r ** 2) / k)
+        jensen = 1.0 + 0.75 / ki + 0.75 / kj + 0.5 * r ** 2 / np.sqrt(ki * kj)
+        return (d - p - 1 + r ** 2) / d * jensen
 
     fac = Blocks(factor(rho.w), factor(rho.c))
     np.fill_diagonal(fac.w, (d - p) / d * k / (k - 2))

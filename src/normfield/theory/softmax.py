@@ -265,7 +265,7 @@ def _rho_nodes(rho_lo):
     return nodes, bw
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=128)
 def _transforms(v1, v2, n1max, n2max, rho_lo):
     """(L, M, W) on the (log s, log t) grid for every rho node (cached)."""
     x = _grid(n1max, v1, _QUAD_H, _QUAD_TAIL)
