@@ -31,7 +31,7 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 MASKS = ("bidirectional", "causal")
-POSITIONS = ("sinusoidal", "learned", "none")
+POSITIONS = ("sinusoidal", "learned", "rope", "none")
 TOKEN_DISTRIBUTIONS = ("uniform", "zipf")
 INIT_SCHEMES = ("xavier_normal", "normal", "torch")
 WEIGHT_GROUPS = ("embed.tok", "embed.pos", "attn.q", "attn.k", "attn.v", "attn.o",
@@ -128,6 +128,7 @@ class Arch:
     tied_head: bool = False
     final_norm: bool | None = None
     bias: bool = False
+    qk_norm: bool = False
     tokens: str = "uniform"
     zipf_exponent: float = 1.0
     init: Init = field(default_factory=Init)
@@ -151,7 +152,10 @@ class Arch:
         check_positive("embed_scale", self.embed_scale)
         check_choice("tokens", self.tokens, TOKEN_DISTRIBUTIONS)
         check_positive("zipf_exponent", self.zipf_exponent, allow_zero=True)
-        for flag in ("tied_head", "bias"):
+        if self.positions == "rope" and self.d_head % 2:
+            _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even "
+                  f"head dimension (RoPE rotates pairs; d_head={self.d_head})")
+        for flag in ("tied_head", "bias", "qk_norm"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "True or False")
         if self.final_norm not in (None, True, False):
