@@ -11,10 +11,12 @@ Public API::
 
 from normfield.arch import Arch, Init
 from normfield.placements import PLACEMENTS
+from normfield import presets
 from normfield.probe.measure import NonFiniteGradientError, measure_grad_norms
 from normfield.profile import GradProfile
 from normfield.theory.predict import predict, predict_activations, predict_grad_norms
 
 __all__ = ["Arch", "Init", "PLACEMENTS", "GradProfile", "measure_grad_norms",
-           "NonFiniteGradientError", "predict", "predict_grad_norms", "predict_activations"]
+           "NonFiniteGradientError", "predict", "predict_grad_norms", "predict_activations",
+           "presets"]
 __version__ = "0.1.0"
