@@ -33,3 +33,10 @@ def sinusoidal_positions(seq_len: int, d_model: int) -> np.ndarray:
     table[:, 0::2] = np.sin(angle)
     table[:, 1::2] = np.cos(angle)[:, : d_model // 2]
     return table
+
+
+def rope_angles(seq_len: int, d_head: int) -> np.ndarray:
+    """RoPE (Su et al. 2021, eq. 34): position t rotates the coordinate pair (2f, 2f+1) of each
+    query and key by t * theta_f, theta_f = 10000^(-2f/d_head); shape (seq_len, d_head/2)."""
+    theta = 10000.0 ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)
+    return np.arange(seq_len, dtype=np.float64)[:, None] * theta[None, :]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normfield.arch import GATED_ACTIVATIONS
-from normfield.data import sinusoidal_positions
+from normfield.data import rope_angles, sinusoidal_positions
 from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale, SelfAttention,
                                   block, fill_constants, layer_param_shapes,
                                   split_constants)
@@ -104,10 +104,23 @@ def _linear(p, name, x, precision):
     return y + p[name + ".bias"] if name + ".bias" in p else y
 
 
+def _rotate(u, n):
+    """Rotate the pairs (2f, 2f+1) of the last axis by t * theta_f (RoPE); u: (b, n, h, c)."""
+    angle = jnp.asarray(rope_angles(n, u.shape[-1]), jnp.float32)[None, :, None, :]
+    even, odd = u[..., 0::2], u[..., 1::2]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(u.shape)
+
+
 def _attention(arch, p, x, precision):
     b, n, d = x.shape
     heads = lambda name: _linear(p, name, x, precision).reshape(b, n, arch.n_heads, arch.d_head)
     q, k, v = heads("attn.q"), heads("attn.k"), heads("attn.v")
+    if arch.qk_norm:  # QK-Norm: RMS-normalize each head's queries and keys (gain 1)
+        q, k = (u * jax.lax.rsqrt(jnp.mean(u * u, axis=-1, keepdims=True) + arch.norm_eps)
+                for u in (q, k))
+    if arch.positions == "rope":
+        q, k = _rotate(q, n), _rotate(k, n)
     if precision == "bfloat16":
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)

@@ -39,7 +39,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from normfield.data import rope_angles
 from normfield.theory.kernels import Blocks
+from normfield.theory.maps import Point, norm_backward, norm_forward
 from normfield.theory.softmax import pair_moments
 
 
@@ -139,11 +141,48 @@ def _mean_key_term(mask: Mask, w, kv):
             + mask.sandwich_t(w * mask.sandwich(kv)))
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """RoPE (Su et al. 2021) as seen by the logit field: with R(D) = (2/d_head) sum_f
+    cos(theta_f D), ``Cov(s_ij, s_i'j') = K_q(i,i') K_k(j,j') R((j - j') - (i - i'))``, written
+    as ``sum_f w [cos_f(j-j') cos_f(i-i') + sin_f(j-j') sin_f(i-i')]`` so that every mean term
+    stays a sum of products of n x n matrices.  Without RoPE: one term, cos = 1, sin = 0."""
+
+    cos: np.ndarray  # (F, n, n): cos(theta_f (a - b))
+    sin: np.ndarray
+    weight: float
+
+    @staticmethod
+    def build(n: int, d_head: int | None) -> "Rotary":
+        if d_head is None:
+            return Rotary(np.ones((1, n, n)), np.zeros((1, n, n)), 1.0)
+        theta = rope_angles(2, d_head)[1]  # theta_f (the angles of position 1)
+        delta = np.arange(n)[:, None] - np.arange(n)[None, :]
+        angles = theta[:, None, None] * delta[None]
+        return Rotary(np.cos(angles), np.sin(angles), 2.0 / d_head)
+
+    @property
+    def toeplitz(self) -> np.ndarray:
+        """R(a - b) as an (n, n) matrix."""
+        return self.weight * self.cos.sum(axis=0)
+
+    def modulated(self, term, kernel: np.ndarray) -> np.ndarray:
+        """``sum_f w [cos_f * term(kernel * cos_f) + sin_f * term(kernel * sin_f)]``: the
+        rotation modulates the kernel inside a linear `term` and the term's result; with no
+        rotation this is ``term(kernel)``."""
+        out = 0.0
+        for c, s in zip(self.cos, self.sin):
+            out = out + c * term(kernel * c)
+            if s.any():
+                out = out + s * term(kernel * s)
+        return self.weight * out
+
+
 @dataclass
 class AttentionState:
     """What the backward pass needs from the forward pass."""
 
-    kq: Blocks
+    kq: Blocks  # query / key kernels entering the logits (after QK-Norm)
     kk: Blocks
     kv: Blocks
     a_fluct: np.ndarray  # a(i, i')
@@ -151,40 +190,84 @@ class AttentionState:
     rv: np.ndarray  # r_v over the shared set of each pair
     rk: np.ndarray
     n1: np.ndarray
+    raw_q: Blocks | None = None  # before QK-Norm
+    raw_k: Blocks | None = None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Per-head options: d_head, RoPE, QK-Norm (RMS-normalized queries and keys, gain 1;
+    Henry et al. 2020 with the usual 1/sqrt(d_head) scale) and the norm epsilon."""
+
+    d_head: int
+    rope: bool = False
+    qk_norm: bool = False
+    eps: float = 1e-5
+
+
+def _qk_normalize(k: Blocks, spec: HeadSpec) -> Blocks:
+    zero = Blocks.full(k.w.shape[0], 0.0, 0.0)
+    return norm_forward(Point(k, zero, spec.d_head), "rmsnorm", spec.eps).k
+
+
+def _qk_norm_backward(raw: Blocks, normed: Blocks, g: Blocks, spec: HeadSpec) -> Blocks:
+    zero = Blocks.full(raw.w.shape[0], 0.0, 0.0)
+    return norm_backward(Point(raw, zero, spec.d_head), Point(normed, zero, spec.d_head), g,
+                         "rmsnorm", spec.eps)
 
 
 def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
-            method: str = "analytic"):
+            method: str = "analytic", spec: HeadSpec | None = None):
     """Kernel of the concatenated head outputs, and the state for `backward`.
 
     var_* are the weight variances of W_q, W_k, W_v (fan-in `width`), bias_var their biases'."""
-    kq = kx * (var_q * width) + Blocks.full(kx.w.shape[0], bias_var[0], bias_var[0])
-    kk = kx * (var_k * width) + Blocks.full(kx.w.shape[0], bias_var[1], bias_var[1])
-    kv = kx * (var_v * width) + Blocks.full(kx.w.shape[0], bias_var[2], bias_var[2])
+    spec = spec or HeadSpec(d_head=width)
+    n = kx.w.shape[0]
+    kq = kx * (var_q * width) + Blocks.full(n, bias_var[0], bias_var[0])
+    kk = kx * (var_k * width) + Blocks.full(n, bias_var[1], bias_var[1])
+    kv = kx * (var_v * width) + Blocks.full(n, bias_var[2], bias_var[2])
+    raw_q = raw_k = None
+    if spec.qk_norm:
+        raw_q, raw_k = kq, kk
+        kq, kk = _qk_normalize(kq, spec), _qk_normalize(kk, spec)
+    rot = Rotary.build(n, spec.d_head if spec.rope else None).toeplitz
     n1, n2 = mask.pair_sets()
-    rk_set, rv_set = independent_variance(kk.w), independent_variance(kv.w)
+    rk_set, rv_set = independent_variance(kk.w * rot), independent_variance(kv.w)
     row_var = quantize(np.diag(kq.w) * rk_set[mask.row_len - 1])
     v1 = v2 = quantize(np.sqrt(row_var[:, None] * row_var[None, :]))
     qd = np.sqrt(np.diag(kq.w))
-    rho = np.clip(kq.w / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
+    rho = np.clip(kq.w * rot / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
     t1, q = pair_moments(n1, n2, v1, v2, rho, method=method)
     a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
     spread_v = prefix_spread(kv.w)[n1 - 1]
     ko = Blocks(mask.sandwich(kv.w) + a_fluct * spread_v, mask.sandwich(kv.c))
-    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1)
+    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1,
+                           raw_q, raw_k)
     return ko, state
 
 
-def backward(go: Blocks, mask: Mask, st: AttentionState):
-    """Per-coordinate gradient kernels (G_q, G_k, G_v) at the queries, keys and values, given
-    the gradient kernel G_o at the concatenated head outputs."""
+def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None = None):
+    """Per-coordinate gradient kernels (G_q, G_k, G_v) at the queries, keys and values (before
+    QK-Norm), given the gradient kernel G_o at the concatenated head outputs."""
+    spec = spec or HeadSpec(d_head=go.w.shape[0])
+    rot = Rotary.build(go.w.shape[0], spec.d_head if spec.rope else None)
     gv = Blocks(mask.sandwich_t(go.w) + _spread_by_set(st.a_fluct * go.w, st.n1),
                 mask.sandwich_t(go.c))
-    gq = Blocks(go.w * (_mean_query_term(mask, st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
-                go.c * _mean_query_term(mask, st.kk.c, st.kv.c))
+
+    def query_term(kk, kv):
+        return rot.modulated(lambda k: _mean_query_term(mask, k, kv), kk)
+
+    def key_term(w, kv):
+        return rot.modulated(lambda ww: _mean_key_term(mask, ww, kv), w)
+
+    gq = Blocks(go.w * (query_term(st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
+                go.c * query_term(st.kk.c, st.kv.c))
     wk = go * st.kq
     k_fluct = np.where(st.n1 > 1, st.q_fluct / np.maximum(st.n1 - 1, 1), 0.0) * st.rv
-    gk = Blocks(_mean_key_term(mask, wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
-                _mean_key_term(mask, wk.c, st.kv.c))
+    gk = Blocks(key_term(wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
+                key_term(wk.c, st.kv.c))
+    if spec.qk_norm:
+        gq = _qk_norm_backward(st.raw_q, st.kq, gq, spec)
+        gk = _qk_norm_backward(st.raw_k, st.kk, gk, spec)
     return gq, gk, gv

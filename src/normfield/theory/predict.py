@@ -39,6 +39,8 @@ class _Block:
     def __init__(self, arch: Arch, steps: tuple, mask: attention.Mask, method: str):
         self.arch, self.steps, self.mask, self.method = arch, steps, mask, method
         self.phi = GATED_ACTIVATIONS.get(arch.activation, arch.activation)
+        self.heads = attention.HeadSpec(arch.d_head, arch.positions == "rope", arch.qk_norm,
+                                        arch.norm_eps)
 
     def _var(self, name: str) -> tuple[float, float]:
         var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
@@ -62,7 +64,7 @@ class _Block:
             elif isinstance(s, SelfAttention):
                 (vq, bq), (vk, bk), (vv, bv) = (self._var(f"attn.{p}") for p in "qkv")
                 ko, saved[i] = attention.forward(env[s.src].k, self.mask, vq, vk, vv, a.d_model,
-                                                 (bq, bk, bv), self.method)
+                                                 (bq, bk, bv), self.method, self.heads)
                 env[s.dst] = Point(ko, ko * (1.0 / a.d_model), a.d_model)
             elif isinstance(s, Scale):
                 p = env[s.src]
@@ -104,7 +106,7 @@ class _Block:
                 push(s.b, g * env[s.a].k)
             elif isinstance(s, SelfAttention):
                 x, d = env[s.src], a.d_model
-                g_qkv = attention.backward(g, self.mask, saved[i])
+                g_qkv = attention.backward(g, self.mask, saved[i], self.heads)
                 for p, gp in zip("qkv", g_qkv):
                     var_w, _ = self._var(f"attn.{p}")
                     push(s.src, linear_backward(gp, var_w, d))
