@@ -29,6 +29,9 @@ from normfield.theory.predict import predict
 
 QUICK_GRID = dict(placement=("post", "pre"), mask=("bidirectional",), activation=("relu",),
                   depth=(2, 6), d_model=(64, 128), seq_len=(16,), seeds=32)
+MEDIUM_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
+                   activation=("relu",), depth=(6, 12, 24), d_model=(256, 512), seq_len=(32,),
+                   seeds=32)
 FULL_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
                  activation=("relu", "gelu"), depth=(2, 6, 12, 24, 48),
                  d_model=(128, 256, 512, 1024), seq_len=(16, 64, 256), seeds=64)
@@ -126,8 +129,13 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None) -> int:
-    grid = QUICK_GRID if quick else FULL_GRID
+GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID}
+
+
+def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None,
+         grid: str | None = None) -> int:
+    """Run the grid (`quick`, `medium` = the issue's d >= 256 bar on a CPU budget, or `full`)."""
+    grid = GRIDS[grid or ("quick" if quick else "full")]
     seeds = seeds or grid["seeds"]
     start = time.perf_counter()
     rows = run_grid(grid_archs(grid), seeds, out)
