@@ -63,6 +63,9 @@ def make(ctx: Context) -> list[Result]:
     ax.set_title("last layer ffn.w2 vs depth")
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.minorticks_off()
+    vals = np.concatenate([v[np.isfinite(v)] for t in scaling.values() for v in t[:2]])
+    ticks = np.unique(np.round(np.geomspace(vals.min(), vals.max(), 5), 2))
+    ax.set_yticks(ticks, [f"{t:.2f}" for t in ticks])
     fig.suptitle(TITLE + " (encoder only, bidirectional attention)")
 
     parts = []
