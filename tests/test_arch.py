@@ -37,7 +37,7 @@ def arch(**kw):
     (dict(activation="tanh"), ["activation", "'tanh'", "'relu'", "'swiglu'"]),
     (dict(norm="batchnorm"), ["norm", "'layernorm'", "'rmsnorm'"]),
     (dict(mask="sliding"), ["mask", "'causal'", "'bidirectional'"]),
-    (dict(positions="rope"), ["positions", "'sinusoidal'", "'learned'", "'none'"]),
+    (dict(positions="alibi"), ["positions", "'sinusoidal'", "'learned'", "'rope'", "'none'"]),
     (dict(tokens="gauss"), ["tokens", "'uniform'", "'zipf'"]),
     (dict(norm_eps=-1e-5), ["norm_eps", ">= 0"]),
     (dict(embed_scale=0.0), ["embed_scale", "> 0"]),

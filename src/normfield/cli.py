@@ -248,7 +248,8 @@ def _dispatch(module: str, args) -> int:
     except (ImportError, AttributeError) as exc:
         print(f"{PROG}: error: {module} is not available ({exc})", file=sys.stderr)
         return 2
-    result = entry(quick=args.quick, out=args.out)
+    extra = {"grid": args.grid} if getattr(args, "grid", None) else {}
+    result = entry(quick=args.quick, out=args.out, **extra)
     if isinstance(result, bool):
         return 0 if result else 1
     if isinstance(result, int):
@@ -329,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against probe measurements over placements and depths.")
     p.add_argument("--quick", action="store_true",
                    help="small grid and few seeds (minutes on a CPU)")
+    p.add_argument("--grid", choices=("quick", "medium", "full"),
+                   help="grid to run: quick (= --quick), medium (d_model 256/512, depth 6-24, "
+                        "bidirectional and causal: the accuracy bar, ~1-2 h on 2 CPU cores) or "
+                        "full (the whole grid, for a GPU); default full, or quick with --quick")
     p.add_argument("--out", metavar="DIR", default="results/validation",
                    help="folder for the validation results (default: %(default)s)")
     p.set_defaults(handler=cmd_validate)

@@ -2,8 +2,9 @@
 
 Every theory or probe result is saved as ``<out>/data/<config-name>.json`` (via the atomic
 `GradProfile.save`); the config name is derived from the source, the Arch and (for the probe)
-the seed count and key, so two recipes asking for the same configuration share one result, and
-a rerun after an interruption loads what is already there instead of recomputing it.
+the seed count and key.  Probe results are reused: two recipes asking for the same
+configuration share one measurement, and a rerun after an interruption loads what is already
+there.  Theory results are recomputed on every run (they are cheap and must follow the theory).
 """
 
 from __future__ import annotations
@@ -105,7 +106,13 @@ class Context:
         return prof
 
     def theory(self, arch: Arch) -> GradProfile:
-        return self._cached("theory", arch, lambda: predict(arch))
+        """Recomputed on every run (milliseconds to seconds; a cached prediction would go
+        stale when the theory changes) and saved beside the figures."""
+        name = self.config_name("theory", arch)
+        self.used.append(name)
+        prof = predict(arch)
+        prof.save(os.path.join(self.data_dir, name + ".json"))
+        return prof
 
     def probe(self, arch: Arch) -> GradProfile:
         return self._cached("probe", arch,
