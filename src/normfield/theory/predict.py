@@ -27,7 +27,6 @@ from normfield.theory.kernels import Blocks, cosine, pair_sum
 from normfield.theory.maps import (Point, activation_forward, bias_grad_sq, gain_grad_sq,
                                    linear_backward, linear_forward, linear_grad_sq, norm_backward,
                                    norm_forward)
-from normfield.theory.softmax import pair_moments
 
 METHODS = ("analytic", "mc")
 STORE_LIMIT_BYTES = 2e9
@@ -160,13 +159,13 @@ def head_var(arch: Arch) -> float:
 def logit_gradient_kernel(arch: Arch, h: Point, method: str) -> Blocks:
     """E[(p_i - e_{y_i}) . (p_j - e_{y_j})] over the V classes (un-normalized by N)."""
     v_cls = arch.vocab_size
-    var_logit = attention.quantize(head_var(arch) * h.width * h.k.diag)
+    var_logit = head_var(arch) * h.width * h.k.diag
     rho = cosine(h.k)
     pc = collision_prob(arch)
 
     def block(r, same_target_prob):
-        vi, vj = np.broadcast_arrays(var_logit[:, None], var_logit[None, :])
-        t1, _ = pair_moments(v_cls, v_cls, vi, vj, np.clip(r, -1.0, 1.0), method=method)
+        v = np.sqrt(var_logit[:, None] * var_logit[None, :])
+        t1, _ = attention.softmax_moments(v_cls, v_cls, v, np.clip(r, -1.0, 1.0), method)
         return t1 - 2.0 / v_cls + same_target_prob
 
     within = block(rho.w, pc)
@@ -185,8 +184,7 @@ def head_gain_coherent_sq(arch: Arch, h: Point, method: str) -> float:
     It matters when s_H^2 N is not small against 1 (e.g. d 256, V 512, N 128: +30%)."""
     v_cls, b, n = arch.vocab_size, arch.batch_size, arch.seq_len
     var = head_var(arch)
-    var_logit = attention.quantize(var * h.width * h.k.diag)
-    p_sq, _ = pair_moments(v_cls, v_cls, var_logit, var_logit, 1.0, method=method)
+    p_sq, _ = attention.softmax_moments(v_cls, v_cls, var * h.width * h.k.diag, 1.0, method)
     c = 1.0 - p_sq
     cc = np.outer(c, c)
     kd = np.outer(h.k.diag, h.k.diag)
