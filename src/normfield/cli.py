@@ -330,10 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against probe measurements over placements and depths.")
     p.add_argument("--quick", action="store_true",
                    help="small grid and few seeds (minutes on a CPU)")
-    p.add_argument("--grid", choices=("quick", "medium", "full"),
+    p.add_argument("--grid", choices=("quick", "medium", "full", "coverage"),
                    help="grid to run: quick (= --quick), medium (d_model 256/512, depth 6-24, "
-                        "bidirectional and causal: the accuracy bar, ~1-2 h on 2 CPU cores) or "
-                        "full (the whole grid, for a GPU); default full, or quick with --quick")
+                        "bidirectional and causal: the accuracy bar, ~1-2 h on 2 CPU cores), "
+                        "full (the whole grid, for a GPU) or coverage (one config per placement, "
+                        "norm, activation, position and QK-Norm at d_model 256); default full, "
+                        "or quick with --quick")
     p.add_argument("--out", metavar="DIR", default="results/validation",
                    help="folder for the validation results (default: %(default)s)")
     p.set_defaults(handler=cmd_validate)

@@ -50,8 +50,37 @@ def grid_archs(grid: dict, **fixed) -> list[Arch]:
     return archs
 
 
+COVERAGE_BASE = dict(depth=6, d_model=256, n_heads=4, d_ff=1024, seq_len=32, batch_size=2,
+                     vocab_size=512)
+COVERAGE_VARIANTS = (
+    dict(placement="peri"), dict(placement="normformer"), dict(placement="deepnorm"),
+    dict(placement="mixln", depth=8), dict(placement="lns"), dict(placement="scaled_pre"),
+    dict(placement="pre", norm="rmsnorm"), dict(placement="pre", activation="gelu"),
+    dict(placement="pre", activation="swiglu"), dict(placement="post", activation="gelu"),
+    dict(placement="pre", positions="rope", mask="causal"), dict(placement="pre", qk_norm=True),
+    dict(placement="pre", positions="learned"))
+
+
+def coverage_archs() -> list[Arch]:
+    """One configuration per architecture feature (placements, norms, activations, positions,
+    QK-Norm) at d_model 256, depth 6 (8 for Mix-LN, so that it has a Post-LN part)."""
+    return [Arch(**{**COVERAGE_BASE, **v}) for v in COVERAGE_VARIANTS]
+
+
+def variant(arch: Arch) -> str:
+    """Short tag of the features that distinguish a configuration beyond the grid axes."""
+    tags = [arch.activation]
+    if arch.norm != "layernorm":
+        tags.append(arch.norm)
+    if arch.positions != "sinusoidal":
+        tags.append(arch.positions)
+    if arch.qk_norm:
+        tags.append("qknorm")
+    return "-".join(tags)
+
+
 def config_name(arch: Arch) -> str:
-    return (f"{arch.placement}-{arch.mask}-{arch.activation}-L{arch.depth}-d{arch.d_model}"
+    return (f"{arch.placement}-{arch.mask}-{variant(arch)}-L{arch.depth}-d{arch.d_model}"
             f"-n{arch.seq_len}-b{arch.batch_size}")
 
 
@@ -64,7 +93,7 @@ def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
             continue
         for layer, (t, m, se) in enumerate(zip(theory.grads[name], values, measured.stderr[name])):
             rows.append({"config": config_name(a), "placement": a.placement, "mask": a.mask,
-                         "activation": a.activation, "depth": a.depth, "d_model": a.d_model,
+                         "activation": a.activation, "variant": variant(a), "depth": a.depth, "d_model": a.d_model,
                          "seq_len": a.seq_len, "param": name, "layer": layer,
                          "theory": float(t), "measured": float(m),
                          "rel_err": float(t / m - 1.0), "rel_se": float(se / m)})
@@ -94,16 +123,17 @@ def _stats(rows: list[dict]) -> tuple[float, float, float, float]:
 
 def summarize(rows: list[dict]) -> str:
     """The printed error table (percent)."""
-    lines = [f"{'placement':10s} {'mask':13s} {'params':34s} {'n':>5s} {'median':>7s} "
-             f"{'p95':>7s} {'worst':>7s} {'med.se':>7s}"]
-    for (placement, mask), params in itertools.product(
-            sorted({(r["placement"], r["mask"]) for r in rows}), SUMMARY_GROUPS):
-        sel = [r for r in rows if r["placement"] == placement and r["mask"] == mask
+    lines = [f"{'placement':10s} {'mask':13s} {'variant':14s} {'params':24s} {'n':>5s} "
+             f"{'median':>7s} {'p95':>7s} {'worst':>7s} {'med.se':>7s}"]
+    keys = sorted({(r["placement"], r["mask"], r["variant"]) for r in rows})
+    for (placement, mask, var), params in itertools.product(keys, SUMMARY_GROUPS):
+        sel = [r for r in rows if (r["placement"], r["mask"], r["variant"]) == (placement, mask, var)
                and r["param"] in params]
         if sel:
             med, p95, worst, se = _stats(sel)
-            lines.append(f"{placement:10s} {mask:13s} {' '.join(params):34.34s} {len(sel):5d} "
-                         f"{100 * med:6.2f}% {100 * p95:6.2f}% {100 * worst:6.2f}% {100 * se:6.2f}%")
+            lines.append(f"{placement:10s} {mask:13s} {var:14s} {' '.join(params):24.24s} "
+                         f"{len(sel):5d} {100 * med:6.2f}% {100 * p95:6.2f}% {100 * worst:6.2f}% "
+                         f"{100 * se:6.2f}%")
     lines.append("")
     lines.append("per parameter and depth (median / worst |error|, %):")
     for placement, param in sorted({(r["placement"], r["param"]) for r in rows}):
@@ -129,16 +159,20 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID}
+GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID, "coverage": None}
 
 
 def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None,
          grid: str | None = None) -> int:
-    """Run the grid (`quick`, `medium` = the issue's d >= 256 bar on a CPU budget, or `full`)."""
-    grid = GRIDS[grid or ("quick" if quick else "full")]
-    seeds = seeds or grid["seeds"]
+    """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`, or
+    `coverage` (one configuration per architecture feature)."""
+    name = grid or ("quick" if quick else "full")
+    if name not in GRIDS:
+        raise ValueError(f"invalid grid={name!r}: expected one of {', '.join(GRIDS)}")
+    archs = coverage_archs() if name == "coverage" else grid_archs(GRIDS[name])
+    seeds = seeds or (32 if name == "coverage" else GRIDS[name]["seeds"])
     start = time.perf_counter()
-    rows = run_grid(grid_archs(grid), seeds, out)
+    rows = run_grid(archs, seeds, out)
     with open(os.path.join(out, "errors.csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -1,0 +1,53 @@
+"""normfield.validate: error rows, summary table and the measurement cache (probe stubbed)."""
+
+import numpy as np
+import pytest
+
+from normfield import Arch, validate
+from normfield.theory.predict import predict
+
+TINY = dict(depth=2, d_model=32, n_heads=2, d_ff=64, seq_len=4, batch_size=2, vocab_size=16)
+
+
+def _fake_measure(scale):
+    calls = []
+
+    def measure(arch, seeds, key, chunk):
+        calls.append(arch)
+        prof = predict(arch)
+        prof.source = "probe"
+        prof.grads = {k: v * scale for k, v in prof.grads.items()}
+        prof.stderr = {k: 0.01 * v for k, v in prof.grads.items()}
+        return prof
+
+    return measure, calls
+
+
+def test_rows_summary_and_cache(tmp_path, monkeypatch):
+    measure, calls = _fake_measure(1.25)
+    monkeypatch.setattr(validate, "measure_grad_norms", measure)
+    archs = [Arch(placement="pre", **TINY), Arch(placement="post", **TINY)]
+    rows = validate.run_grid(archs, seeds=2, out=str(tmp_path))
+    # theory / measured - 1 = 1/1.25 - 1 = -0.2 for every parameter and layer
+    errs = np.array([r["rel_err"] for r in rows])
+    assert np.allclose(errs[np.isfinite(errs)], -0.2)
+    assert {r["placement"] for r in rows} == {"pre", "post"}
+    table = validate.summarize(rows)
+    assert "20.00%" in table and "post" in table and "pre" in table
+    assert len(calls) == 2
+    validate.run_grid(archs, seeds=2, out=str(tmp_path))  # second run: measurements cached
+    assert len(calls) == 2
+
+
+def test_variant_names_distinguish_features():
+    a = Arch(placement="pre", **TINY)
+    b = Arch(placement="pre", positions="rope", qk_norm=True, norm="rmsnorm", **TINY)
+    assert validate.config_name(a) != validate.config_name(b)
+    assert validate.variant(b) == "relu-rmsnorm-rope-qknorm"
+    assert len({validate.config_name(x) for x in validate.coverage_archs()}) == len(
+        validate.COVERAGE_VARIANTS)
+
+
+def test_bad_grid_name():
+    with pytest.raises(ValueError, match="grid='huge'"):
+        validate.main(grid="huge")
