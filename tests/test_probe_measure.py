@@ -166,8 +166,8 @@ def test_grads_and_stderr_follow_from_per_seed_squares():
 def _inject(monkeypatch, name, seed, layer, value):
     real = measure._run_chunk
 
-    def fake(arch, precision, keys):
-        sq, stats = real(arch, precision, keys)
+    def fake(arch, precision, keys, **kw):
+        sq, stats = real(arch, precision, keys, **kw)
         sq = dict(sq)
         sq[name] = sq[name].at[seed, layer].set(value)
         return sq, stats

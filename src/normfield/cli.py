@@ -224,7 +224,7 @@ def cmd_probe(args) -> int:
     from normfield.probe.measure import measure_grad_norms
 
     profile = measure_grad_norms(arch, seeds=args.seeds, key=args.key, precision=args.precision,
-                                 chunk=args.chunk)
+                                 chunk=args.chunk, remat=args.remat)
     return _emit(profile, args)
 
 
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 accumulation (default: %(default)s)")
     g.add_argument("--chunk", type=int, default=None,
                    help="seeds per compiled call; lower it to save memory (default: all seeds)")
+    g.add_argument("--remat", action="store_true",
+                   help="recompute each block in the backward pass (jax.checkpoint) to save memory")
     g.add_argument("--out", metavar="PATH", help=out_help)
     p.set_defaults(handler=cmd_probe)
 

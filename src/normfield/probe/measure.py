@@ -50,18 +50,21 @@ def _squared_norms(grads) -> dict:
     return out
 
 
-def one_seed(arch, precision, key):
+def one_seed(arch, precision, key, remat=False):
     """Per-parameter squared gradient norms and stream statistics for one seed."""
     k_param, k_data = jax.random.split(key)
     params = init_params(arch, k_param)
     tokens, targets = sample_batch(arch, k_data)
-    grads, stats = jax.grad(partial(loss_fn, arch), has_aux=True)(params, tokens, targets, precision)
+    loss = partial(loss_fn, arch, precision=precision, remat=remat)
+    grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
     return _squared_norms(grads), stats
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _run_chunk(arch, precision, keys):
-    return jax.vmap(partial(one_seed, arch, precision))(keys)
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat",))
+def _run_chunk(arch, precision, keys, remat=False):
+    """All seeds of a chunk in one compiled call (parameters and data are created on device
+    from the keys, so nothing but the keys goes in and only (seeds, depth) arrays come out)."""
+    return jax.vmap(partial(one_seed, arch, precision, remat=remat))(keys)
 
 
 def _shard(keys):
@@ -73,7 +76,7 @@ def _shard(keys):
 
 
 def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
-                       chunk: int | None = None) -> GradProfile:
+                       chunk: int | None = None, remat: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
 
     Args:
@@ -82,6 +85,8 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
       precision: ``"float32"`` (full-precision matmuls), ``"tf32"`` or ``"bfloat16"``
         (bf16 operands, float32 accumulation).
       chunk: seeds per compiled call (default: all at once); lower it to save memory.
+      remat: rematerialize each block in the backward pass (`jax.checkpoint`) to fit larger
+        configurations; same numbers up to float rounding.
     Raises:
       ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
       a gradient is NaN or infinite (never averaged away).
@@ -96,7 +101,7 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
     start = time.perf_counter()
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
         for lo in range(0, seeds, chunk):
-            sq, stats = _run_chunk(arch, precision, _shard(keys[lo:lo + chunk]))
+            sq, stats = _run_chunk(arch, precision, _shard(keys[lo:lo + chunk]), remat=remat)
             sq_parts.append(jax.device_get(sq))
             stat_parts.append(jax.device_get(stats))
     elapsed = time.perf_counter() - start
@@ -120,7 +125,8 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
                    else np.full(arch.depth + 1, np.nan)) for i, k in enumerate(ACTIVATION_KEYS)}
     if arch.batch_size == 1:
         acts["cos_across"] = np.full(arch.depth + 1, np.nan)
-    meta = {"seeds": seeds, "key": key, "precision": precision, "jax_version": jax.__version__,
+    meta = {"seeds": seeds, "key": key, "precision": precision, "remat": remat,
+            "jax_version": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),
             "platform": platform.platform(), "seconds": elapsed,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -197,8 +197,12 @@ def embed(arch, params, tokens):
     return x
 
 
-def forward(arch, params, tokens, precision="float32", unroll=False):
-    """Logits (batch, seq, vocab) and stream statistics (depth + 1, 3)."""
+def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
+    """Logits (batch, seq, vocab) and stream statistics (depth + 1, 3).
+
+    remat: recompute each block's activations in the backward pass (`jax.checkpoint`), so
+    that only the block inputs are stored: memory O(depth) blocks instead of every
+    intermediate, at the cost of a second forward pass."""
     x = embed(arch, params, tokens)
     stats = [stream_stats(x)[None]]
     for start, stop, template, consts in segments(arch):
@@ -209,6 +213,8 @@ def forward(arch, params, tokens, precision="float32", unroll=False):
             h = apply_steps(arch, fill_constants(template, c), p, h, precision)
             return h, stream_stats(h)
 
+        if remat:
+            body = jax.checkpoint(body)
         if unroll:
             for i in range(stop - start):
                 x, s = body(x, jax.tree_util.tree_map(lambda a: a[i], (layer_p, consts)))
@@ -222,9 +228,9 @@ def forward(arch, params, tokens, precision="float32", unroll=False):
     return _matmul(x, head, precision), jnp.concatenate(stats, axis=0)
 
 
-def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False):
+def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False):
     """Mean cross-entropy over all batch_size * seq_len positions; aux = stream statistics."""
-    logits, stats = forward(arch, params, tokens, precision, unroll)
+    logits, stats = forward(arch, params, tokens, precision, unroll, remat)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
     return jnp.mean(nll), stats
