@@ -51,3 +51,11 @@ def test_variant_names_distinguish_features():
 def test_bad_grid_name():
     with pytest.raises(ValueError, match="grid='huge'"):
         validate.main(grid="huge")
+
+
+def test_markdown_table_has_one_row_per_configuration(tmp_path, monkeypatch):
+    measure, _ = _fake_measure(2.0)
+    monkeypatch.setattr(validate, "measure_grad_norms", measure)
+    rows = validate.run_grid([Arch(placement="pre", **TINY)], seeds=2, out=str(tmp_path))
+    table = validate.markdown_table(rows).splitlines()
+    assert len(table) == 3 and table[2].startswith("| pre | bidirectional | relu | 50.0 |")

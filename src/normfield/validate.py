@@ -162,6 +162,24 @@ def summarize(rows: list[dict]) -> str:
 GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID, "coverage": None}
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Compact Markdown table: per placement / mask / variant, median, 95th percentile and
+    worst |error| (%) of the main parameters and of attn.q / attn.k, and the median se."""
+    lines = ["| placement | mask | variant | main median | main p95 | main worst | q/k median "
+             "| q/k worst | median se |", "|" + "---|" * 9]
+    for key in sorted({(r["placement"], r["mask"], r["variant"]) for r in rows}):
+        groups = [[r for r in rows if (r["placement"], r["mask"], r["variant"]) == key
+                   and r["param"] in params] for params in SUMMARY_GROUPS]
+        if not groups[0] or not groups[1]:
+            continue
+        main_stats, qk_stats = _stats(groups[0]), _stats(groups[1])
+        cells = [main_stats[0], main_stats[1], main_stats[2], qk_stats[0], qk_stats[2],
+                 main_stats[3]]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     + " | ".join(f"{100 * c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None,
          grid: str | None = None) -> int:
     """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`, or
@@ -179,6 +197,7 @@ def main(quick: bool = False, out: str = "results/validation", seeds: int | None
         writer.writerows(rows)
     table = summarize(rows)
     atomic_write_text(os.path.join(out, "summary.txt"), table + "\n")
+    atomic_write_text(os.path.join(out, "summary.md"), markdown_table(rows) + "\n")
     print(table)
     print(f"\n{len(rows)} rows from {len({r['config'] for r in rows})} configurations, "
           f"{seeds} seeds each, {time.perf_counter() - start:.0f} s; saved under {out}/")
