@@ -75,6 +75,17 @@ NOTEBOOKS = {
             "plot.depth_scaling(depths, last_w2['pre'], ax=axes[1], label='Pre-LN', color=plot.COLORS['pre'])\n"
             "plot.depth_scaling(depths, last_w2['post'], ax=axes[1], label='Post-LN',\n"
             "                   color=plot.COLORS['post'], reference=False);"),
+        new_markdown_cell("## Their exact setting\n\n`normfield.theory.xiong2020.xiong_arch` builds "
+                          "the paper's analysis setting (one head, d_ff = d, W^Q = W^K = 0 so "
+                          "attention is uniform, Gaussian inputs) as an ordinary Arch; the general "
+                          "interpreter then gives Post-LN's pre-norm sum E||x5||^2 = 3d/2 exactly "
+                          "and the Pre-LN stream inside Lemma 2's bounds."),
+        new_code_cell(
+            "from normfield.theory import xiong2020\n"
+            "for row in xiong2020.compare_lemma2(depth=6, d=64, seq_len=8):\n"
+            "    print(row)\n"
+            "assert all(r['pre_low'] <= r['ours_pre'] + 1e-9 <= r['pre_high'] + 1e-9\n"
+            "           for r in xiong2020.compare_lemma2(depth=6, d=64, seq_len=8))"),
     ],
     "03_placement_atlas.ipynb": [
         new_markdown_cell("# Placement atlas\n\nThe predicted ffn.w1 gradient norm per layer for "
