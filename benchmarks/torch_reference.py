@@ -9,7 +9,6 @@ no dropout, no biases, sinusoidal positions, untied head, mean cross-entropy).
 
 from __future__ import annotations
 
-import math
 import time
 
 

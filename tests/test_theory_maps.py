@@ -15,7 +15,7 @@ import pytest
 from scipy.special import erf, expit
 
 from normfield.theory import attention, gaussian
-from normfield.theory.kernels import Blocks, pair_sum
+from normfield.theory.kernels import Blocks
 from normfield.theory.maps import (Point, linear_backward, linear_forward, linear_grad_sq,
                                    norm_backward, norm_forward)
 

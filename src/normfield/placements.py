@@ -14,7 +14,7 @@ concatenated; the output projection is a separate `Linear` named ``attn.o``), `S
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from normfield.arch import GATED_ACTIVATIONS
