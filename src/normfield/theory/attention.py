@@ -61,13 +61,22 @@ class Mask:
         allowed = np.arange(n)[None, :] < row_len[:, None]
         return Mask(row_len, allowed / row_len[:, None])
 
+    @property
+    def full(self) -> bool:
+        """Every query sees every key (bidirectional): Abar = 1 1^T / n."""
+        return bool(np.all(self.row_len == self.row_len.shape[0]))
+
     def left(self, x: np.ndarray) -> np.ndarray:
         """``Abar @ x`` in O(n^2): row i is the mean of the first row_len[i] rows of x."""
+        if self.full:
+            return np.broadcast_to(x.mean(axis=0), x.shape)
         return np.cumsum(x, axis=0)[self.row_len - 1] / self.row_len[:, None]
 
     def left_t(self, x: np.ndarray) -> np.ndarray:
         """``Abar.T @ x`` in O(n^2): row j sums x_i / row_len[i] over the rows i that see key j."""
         n = x.shape[0]
+        if self.full:
+            return np.broadcast_to(x.mean(axis=0), x.shape)
         by_len = np.zeros((n + 1,) + x.shape[1:])
         np.add.at(by_len, self.row_len, x / self.row_len[:, None])
         return np.cumsum(by_len[::-1], axis=0)[::-1][1:]
