@@ -293,6 +293,38 @@ def _barycentric(r, rho_lo):
     return c
 
 
+_NODE_CACHE: dict = {}
+_NODE_CACHE_SIZE = 256
+
+
+def _node_moments(tr, pairs, un1, n1inv, key):
+    """Scaled fluctuation parts (Ft, Fq) of every (n1, n2) pair at every rho node, memoized on
+    (v1, v2, rho range, pair set): layers with the same mask and logit-variance node reuse it."""
+    if key in _NODE_CACHE:
+        return _NODE_CACHE[key]
+    d = pairs[:, 1] - pairs[:, 0]
+    Ft = np.empty((pairs.shape[0], _N_RHO))
+    Fq = np.empty_like(Ft)
+    pa, pb = pairs[:, 0], pairs[:, 1]
+    for k, (L, M, W) in enumerate(tr):
+        U = np.empty((un1.size, 5, L.shape[1]))
+        step = max(1, 2_000_000 // L.size)
+        for s0 in range(0, un1.size, step):
+            P = np.exp((un1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
+            U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
+        D = np.exp(d[:, None] * M[None, :])                 # (pairs, Y)
+        R = np.einsum("py,pky->kp", D, U[n1inv]) * (_QUAD_H * _QUAD_H)
+        T1 = pa * R[0]
+        Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
+        Ft[:, k] = pb * T1 - 1.0
+        Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
+    if len(_NODE_CACHE) >= _NODE_CACHE_SIZE:
+        _NODE_CACHE.pop(next(iter(_NODE_CACHE)))
+    Ft.flags.writeable = Fq.flags.writeable = False
+    _NODE_CACHE[key] = (Ft, Fq)
+    return Ft, Fq
+
+
 def _analytic(n1, n2, v1, v2, rho):
     T = 1.0 / n2
     Q = (1.0 - 1.0 / n1) / n2
@@ -317,22 +349,8 @@ def _analytic(n1, n2, v1, v2, rho):
         pairs = np.stack([pkey >> 31, pkey & ((1 << 31) - 1)], axis=1).astype(np.float64)
         un1, n1inv = np.unique(pairs[:, 0], return_inverse=True)
         n1inv = n1inv.ravel()
-        d = pairs[:, 1] - pairs[:, 0]
-        Ft = np.empty((pairs.shape[0], _N_RHO))
-        Fq = np.empty_like(Ft)
-        pa, pb = pairs[:, 0], pairs[:, 1]
-        for k, (L, M, W) in enumerate(tr):
-            U = np.empty((un1.size, 5, L.shape[1]))
-            step = max(1, 2_000_000 // L.size)
-            for s0 in range(0, un1.size, step):
-                P = np.exp((un1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
-                U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
-            D = np.exp(d[:, None] * M[None, :])                 # (pairs, Y)
-            R = np.einsum("py,pky->kp", D, U[n1inv]) * (_QUAD_H * _QUAD_H)
-            T1 = pa * R[0]
-            Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
-            Ft[:, k] = pb * T1 - 1.0
-            Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
+        Ft, Fq = _node_moments(tr, pairs, un1, n1inv,
+                               (float(ukeys[g, 0]), float(ukeys[g, 1]), rho_lo, pkey.tobytes()))
         C = _barycentric(r, rho_lo)
         ft = np.einsum("ik,ik->i", C, Ft[pinv])
         fq = np.einsum("ik,ik->i", C, Fq[pinv])
