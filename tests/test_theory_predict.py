@@ -48,3 +48,18 @@ def test_analytic_softmax_moments_agree_with_monte_carlo_reference():
     for name in closed.grads:
         np.testing.assert_allclose(closed.grads[name], mc.grads[name], rtol=1e-2, atol=1e-12,
                                    err_msg=name)
+
+
+def test_qk_temperature_scales_the_logits_of_normalized_queries():
+    """Henry et al.'s logits g cos(q, k) equal the usual q^.k^/sqrt(d_head) of RMS-normalized
+    queries when g = sqrt(d_head); any other g changes the query/key gradients."""
+    kw = dict(depth=2, placement="pre", d_model=64, n_heads=2, d_ff=128, seq_len=6,
+              batch_size=2, vocab_size=32, qk_norm=True)
+    plain = predict(Arch(**kw))
+    same = predict(Arch(qk_temperature=32 ** 0.5, **kw))
+    hot = predict(Arch(qk_temperature=20.0, **kw))
+    for name in plain.grads:
+        np.testing.assert_allclose(same.grads[name], plain.grads[name], rtol=1e-9, atol=1e-15)
+    assert np.all(hot["attn.q"] > 1.2 * plain["attn.q"])
+    with pytest.raises(ValueError, match="qk_temperature"):
+        Arch(**{**kw, "qk_norm": False}, qk_temperature=3.0)

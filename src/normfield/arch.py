@@ -129,6 +129,7 @@ class Arch:
     final_norm: bool | None = None
     bias: bool = False
     qk_norm: bool = False
+    qk_temperature: float | None = None
     tokens: str = "uniform"
     zipf_exponent: float = 1.0
     init: Init = field(default_factory=Init)
@@ -155,6 +156,11 @@ class Arch:
         if self.positions == "rope" and self.d_head % 2:
             _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even "
                   f"head dimension (RoPE rotates pairs; d_head={self.d_head})")
+        if self.qk_temperature is not None:
+            check_positive("qk_temperature", self.qk_temperature)
+            if not self.qk_norm:
+                _fail("qk_temperature", self.qk_temperature,
+                      "None unless qk_norm=True (the temperature multiplies the query-key cosine)")
         for flag in ("tied_head", "bias", "qk_norm"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "True or False")

@@ -53,7 +53,10 @@ HELP: dict[str, str] = {
     "tied_head": "tie the output head to the token embedding",
     "final_norm": "norm after the last block: auto = the placement's own default "
                   "(none for post/deepnorm, a final norm for pre-norm-style placements)",
-    "bias": "give every linear layer (and LayerNorm) a bias",
+    "bias": "give every linear layer a bias (norms have a gain only)",
+    "qk_norm": "QK-Norm: RMS-normalize each head's queries and keys",
+    "qk_temperature": "with --qk-norm, logits = temperature * cos(q, k) (Henry et al. 2020) "
+                      "instead of q.k/sqrt(d_head)",
     "tokens": "distribution of the iid input tokens and targets",
     "zipf_exponent": "exponent s of the Zipf token distribution p(k) ~ k^-s (with --tokens zipf)",
     "placement_options": "placement-specific constant, NAME=VALUE, repeatable: "
@@ -112,7 +115,7 @@ def _add_field(group, f: dataclasses.Field, key: str, flag: str) -> None:
     if key in CHOICES:
         kwargs["choices"] = tuple(CHOICES[key])
     if has_default:
-        kwargs["type"] = type(default)
+        kwargs["type"] = float if default is None else type(default)  # Optional numbers
         kwargs["default"] = default
         kwargs["help"] += " (default: %(default)s)"
     else:  # depth, placement: required

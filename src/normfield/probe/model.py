@@ -119,6 +119,8 @@ def _attention(arch, p, x, precision):
     if arch.qk_norm:  # QK-Norm: RMS-normalize each head's queries and keys (gain 1)
         q, k = (u * jax.lax.rsqrt(jnp.mean(u * u, axis=-1, keepdims=True) + arch.norm_eps)
                 for u in (q, k))
+        if arch.qk_temperature is not None:  # Henry et al. 2020: logits = g * cos(q, k)
+            q = q * (arch.qk_temperature / math.sqrt(arch.d_head))
     if arch.positions == "rope":
         q, k = _rotate(q, n), _rotate(k, n)
     if precision == "bfloat16":

@@ -217,13 +217,21 @@ class AttentionState:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """Per-head options: d_head, RoPE, QK-Norm (RMS-normalized queries and keys, gain 1;
-    Henry et al. 2020 with the usual 1/sqrt(d_head) scale) and the norm epsilon."""
+    """Per-head options: d_head, RoPE, QK-Norm (RMS-normalized queries and keys, gain 1; with
+    the usual 1/sqrt(d_head) scale, or Henry et al. 2020's logits = temperature * cos(q, k)) and
+    the norm epsilon."""
 
     d_head: int
     rope: bool = False
     qk_norm: bool = False
     eps: float = 1e-5
+    temperature: float | None = None
+
+    @property
+    def query_scale_sq(self) -> float:
+        """Square of the factor on the normalized queries: logits = g cos(q, k) = (g/sqrt(d_head))
+        q^ . k^ / sqrt(d_head) with RMS-normalized q^, k^ (1 without a temperature)."""
+        return 1.0 if self.temperature is None else self.temperature ** 2 / self.d_head
 
 
 def _qk_normalize(k: Blocks, spec: HeadSpec) -> Blocks:
@@ -250,7 +258,7 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     raw_q = raw_k = None
     if spec.qk_norm:
         raw_q, raw_k = kq, kk
-        kq, kk = _qk_normalize(kq, spec), _qk_normalize(kk, spec)
+        kq, kk = _qk_normalize(kq, spec) * spec.query_scale_sq, _qk_normalize(kk, spec)
     rot = Rotary.build(n, spec.d_head if spec.rope else None).toeplitz
     n1, n2 = mask.pair_sets()
     rk_set, rv_set = independent_variance(kk.w * rot), independent_variance(kv.w)
@@ -288,6 +296,7 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     gk = Blocks(key_term(wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
                 key_term(wk.c, st.kv.c))
     if spec.qk_norm:
-        gq = _qk_norm_backward(st.raw_q, st.kq, gq, spec)
+        c2 = spec.query_scale_sq
+        gq = _qk_norm_backward(st.raw_q, st.kq * (1.0 / c2), gq * c2, spec)
         gk = _qk_norm_backward(st.raw_k, st.kk, gk, spec)
     return gq, gk, gv

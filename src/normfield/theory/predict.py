@@ -39,7 +39,7 @@ class _Block:
         self.arch, self.steps, self.mask, self.method = arch, steps, mask, method
         self.phi = GATED_ACTIVATIONS.get(arch.activation, arch.activation)
         self.heads = attention.HeadSpec(arch.d_head, arch.positions == "rope", arch.qk_norm,
-                                        arch.norm_eps)
+                                        arch.norm_eps, arch.qk_temperature)
 
     def _var(self, name: str) -> tuple[float, float]:
         var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
