@@ -59,3 +59,19 @@ def test_markdown_table_has_one_row_per_configuration(tmp_path, monkeypatch):
     rows = validate.run_grid([Arch(placement="pre", **TINY)], seeds=2, out=str(tmp_path))
     table = validate.markdown_table(rows).splitlines()
     assert len(table) == 3 and table[2].startswith("| pre | bidirectional | relu | 50.0 |")
+
+
+def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
+    measure, calls = _fake_measure(1.0)
+    monkeypatch.setattr(validate, "measure_grad_norms", measure)
+    monkeypatch.setattr(validate, "QUICK_GRID", dict(validate.QUICK_GRID, d_model=(32,),
+                                                     seq_len=(4,), depth=(1, 2), seeds=2))
+    monkeypatch.setitem(validate.GRIDS, "quick", validate.QUICK_GRID)
+    for i in range(3):
+        validate.main(grid="quick", out=str(tmp_path), shard=f"{i}/3")
+    assert len(calls) == 4 == len({validate.config_name(a) for a in calls})
+    validate.main(grid="quick", out=str(tmp_path), merge=True)
+    assert len(calls) == 4  # merging measures nothing
+    for bad in ("3/3", "x", "1/0"):
+        with pytest.raises(ValueError, match="shard="):
+            validate.parse_shard(bad)

@@ -251,7 +251,7 @@ def _dispatch(module: str, args) -> int:
     except (ImportError, AttributeError) as exc:
         print(f"{PROG}: error: {module} is not available ({exc})", file=sys.stderr)
         return 2
-    extra = {"grid": args.grid} if getattr(args, "grid", None) else {}
+    extra = {k: getattr(args, k) for k in ("grid", "shard", "merge") if getattr(args, k, None)}
     result = entry(quick=args.quick, out=args.out, **extra)
     if isinstance(result, bool):
         return 0 if result else 1
@@ -341,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "full (the whole grid, for a GPU) or coverage (one config per placement, "
                         "norm, activation, position and QK-Norm at d_model 256); default full, "
                         "or quick with --quick")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only configurations I, I+N, I+2N, ... (job arrays; 0 <= I < N)")
+    p.add_argument("--merge", action="store_true",
+                   help="measure nothing: compare the configurations already measured under "
+                        "--out (after the shards of a job array have finished)")
     p.add_argument("--out", metavar="DIR", default="results/validation",
                    help="folder for the validation results (default: %(default)s)")
     p.set_defaults(handler=cmd_validate)

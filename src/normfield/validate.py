@@ -100,18 +100,38 @@ def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
     return rows
 
 
-def run_grid(archs: list[Arch], seeds: int, out: str, key: int = 0) -> list[dict]:
+def run_grid(archs: list[Arch], seeds: int, out: str, key: int = 0,
+             cached_only: bool = False) -> list[dict]:
+    """Measure (or load) every configuration and compare it with the theory.  With
+    `cached_only`, configurations not measured yet are skipped (merging the shards of a job
+    array)."""
     os.makedirs(out, exist_ok=True)
     rows = []
     for arch in progress(archs, total=len(archs), label="validate"):
         path = os.path.join(out, f"{config_name(arch)}-s{seeds}-k{key}.json")
         if os.path.exists(path):
             measured = GradProfile.load(path)
+        elif cached_only:
+            continue
         else:
             measured = measure_grad_norms(arch, seeds=seeds, key=key, chunk=min(seeds, 16))
             measured.save(path)
         rows.extend(compare(predict(arch), measured))
     return rows
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs configurations I, I+N, I+2N..."""
+    if text is None:
+        return None
+    index, _, count = str(text).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ValueError(f"invalid shard={text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return i, n
 
 
 def _stats(rows: list[dict]) -> tuple[float, float, float, float]:
@@ -181,16 +201,24 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None,
-         grid: str | None = None) -> int:
+         grid: str | None = None, shard: str | None = None, merge: bool = False) -> int:
     """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`, or
-    `coverage` (one configuration per architecture feature)."""
+    `coverage` (one configuration per architecture feature).
+
+    For a job array, run ``shard="I/N"`` for I = 0..N-1 (each writes its measurements to the
+    shared `out`), then ``merge=True`` to compare everything measured so far."""
     name = grid or ("quick" if quick else "full")
     if name not in GRIDS:
         raise ValueError(f"invalid grid={name!r}: expected one of {', '.join(GRIDS)}")
     archs = coverage_archs() if name == "coverage" else grid_archs(GRIDS[name])
+    part = parse_shard(shard)
+    if part:
+        archs = archs[part[0]::part[1]]
     seeds = seeds or (32 if name == "coverage" else GRIDS[name]["seeds"])
     start = time.perf_counter()
-    rows = run_grid(archs, seeds, out)
+    rows = run_grid(archs, seeds, out, cached_only=merge)
+    if not rows:
+        raise ValueError(f"no measurements under out={out!r} for grid={name!r}: run the shards first")
     with open(os.path.join(out, "errors.csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
