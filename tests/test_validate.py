@@ -44,8 +44,9 @@ def test_variant_names_distinguish_features():
     b = Arch(placement="pre", positions="rope", qk_norm=True, norm="rmsnorm", **TINY)
     assert validate.config_name(a) != validate.config_name(b)
     assert validate.variant(b) == "relu-rmsnorm-rope-qknorm"
-    assert len({validate.config_name(x) for x in validate.coverage_archs()}) == len(
-        validate.COVERAGE_VARIANTS)
+    archs = validate.coverage_archs()
+    assert len(archs) == len(validate.COVERAGE_VARIANTS) + len(validate.COVERAGE_PRESETS)
+    assert len({validate.config_name(x) for x in archs}) == len(archs)
 
 
 def test_bad_grid_name():

@@ -58,13 +58,22 @@ COVERAGE_VARIANTS = (
     dict(placement="pre", norm="rmsnorm"), dict(placement="pre", activation="gelu"),
     dict(placement="pre", activation="swiglu"), dict(placement="post", activation="gelu"),
     dict(placement="pre", positions="rope", mask="causal"), dict(placement="pre", qk_norm=True),
+    dict(placement="pre", qk_norm=True, qk_temperature=12.0),
     dict(placement="pre", positions="learned"))
+
+
+COVERAGE_PRESETS = ("gpt2", "llama", "torch_encoder_layer")
 
 
 def coverage_archs() -> list[Arch]:
     """One configuration per architecture feature (placements, norms, activations, positions,
-    QK-Norm) at d_model 256, depth 6 (8 for Mix-LN, so that it has a Post-LN part)."""
-    return [Arch(**{**COVERAGE_BASE, **v}) for v in COVERAGE_VARIANTS]
+    QK-Norm and its temperature) and three presets (their own init schemes, biases, tied heads)
+    at d_model 256, depth 6 (8 for Mix-LN, so that it has a Post-LN part)."""
+    from normfield import presets
+
+    sizes = {k: v for k, v in COVERAGE_BASE.items() if k != "d_ff"}
+    return ([Arch(**{**COVERAGE_BASE, **v}) for v in COVERAGE_VARIANTS]
+            + [presets.get(name, **sizes) for name in COVERAGE_PRESETS])
 
 
 def variant(arch: Arch) -> str:
@@ -75,7 +84,13 @@ def variant(arch: Arch) -> str:
     if arch.positions != "sinusoidal":
         tags.append(arch.positions)
     if arch.qk_norm:
-        tags.append("qknorm")
+        tags.append("qknorm" if arch.qk_temperature is None else f"qknorm{arch.qk_temperature:g}")
+    if arch.init.scheme != "xavier_normal":
+        tags.append(arch.init.scheme)
+    if arch.tied_head:
+        tags.append("tied")
+    if arch.bias:
+        tags.append("bias")
     return "-".join(tags)
 
 
