@@ -1,0 +1,47 @@
+"""The O(n^2) mean-attention products of `theory.attention` against their dense definitions
+(the (n, n) matrix Abar and brute-force four-index sums), for bidirectional and causal masks."""
+
+import numpy as np
+import pytest
+
+from normfield.theory import attention
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "causal"])
+def test_fast_products_equal_dense_definitions(kind):
+    n = 6
+    rng = np.random.default_rng(0)
+    mask = attention.Mask.build(kind, n)
+    a = mask.mean
+    x, kk, kv, w = (rng.normal(size=(n, n)) for _ in range(4))
+    np.testing.assert_allclose(mask.left(x), a @ x, atol=1e-12)
+    np.testing.assert_allclose(mask.left_t(x), a.T @ x, atol=1e-12)
+    np.testing.assert_allclose(mask.sandwich(x), a @ x @ a.T, atol=1e-12)
+    np.testing.assert_allclose(mask.sandwich_t(x), a.T @ x @ a, atol=1e-12)
+
+    # brute force: Cov_v(ij, i'j') = K_v(j,j') - (K_v A^T)(j,i') - (A K_v)(i,j') + (A K_v A^T)(i,i')
+    xa, ya, za = kv @ a.T, a @ kv, a @ kv @ a.T
+    query, key = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(n):
+        for i2 in range(n):
+            for j in range(n):
+                for j2 in range(n):
+                    cov = kv[j, j2] - xa[j, i2] - ya[i, j2] + za[i, i2]
+                    query[i, i2] += a[i, j] * a[i2, j2] * kk[j, j2] * cov
+                    key[j, j2] += w[i, i2] * a[i, j] * a[i2, j2] * cov
+    np.testing.assert_allclose(attention._mean_query_term(mask, kk, kv), query, atol=1e-12)
+    np.testing.assert_allclose(attention._mean_key_term(mask, w, kv), key, atol=1e-12)
+
+
+def test_spread_by_set_matches_its_definition():
+    n = 5
+    rng = np.random.default_rng(1)
+    mask = attention.Mask.build("causal", n)
+    n1, _ = mask.pair_sets()
+    weights = rng.normal(size=(n, n))
+    want = np.zeros((n, n))
+    for i in range(n):
+        for i2 in range(n):
+            m = n1[i, i2]
+            want[:m, :m] += weights[i, i2] * (np.eye(m) - 1.0 / m)
+    np.testing.assert_allclose(attention._spread_by_set(weights, n1), want, atol=1e-12)
