@@ -111,6 +111,7 @@ class Context:
         name = self.config_name("theory", arch)
         self.used.append(name)
         prof = predict(arch)
+        prof.meta.pop("seconds", None)  # keep the saved data byte-stable across reruns
         prof.save(os.path.join(self.data_dir, name + ".json"))
         return prof
 
