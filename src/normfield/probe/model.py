@@ -20,6 +20,7 @@ from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale,
                                   split_constants)
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "fused")
 _ACT = {
     "relu": jax.nn.relu,
     "gelu": lambda u: jax.nn.gelu(u, approximate=False),
@@ -112,7 +113,11 @@ def _rotate(u, n):
     return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(u.shape)
 
 
-def _attention(arch, p, x, precision):
+def _attention(arch, p, x, precision, attention="xla"):
+    """Multi-head self-attention.  ``attention="xla"`` writes softmax(QK^T/sqrt(d_head))V out
+    (float32 logits and softmax in every precision); ``"fused"`` hands the same product to
+    `jax.nn.dot_product_attention`, which picks a fused kernel (cuDNN flash attention for
+    bf16 on NVIDIA GPUs) where one exists and XLA otherwise."""
     b, n, d = x.shape
     heads = lambda name: _linear(p, name, x, precision).reshape(b, n, arch.n_heads, arch.d_head)
     q, k, v = heads("attn.q"), heads("attn.k"), heads("attn.v")
@@ -123,6 +128,12 @@ def _attention(arch, p, x, precision):
             q = q * (arch.qk_temperature / math.sqrt(arch.d_head))
     if arch.positions == "rope":
         q, k = _rotate(q, n), _rotate(k, n)
+    if attention == "fused":
+        dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                           scale=1.0 / math.sqrt(arch.d_head),
+                                           is_causal=arch.mask == "causal")
+        return out.astype(jnp.float32).reshape(b, n, d)
     if precision == "bfloat16":
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -136,7 +147,7 @@ def _attention(arch, p, x, precision):
     return out.reshape(b, n, d)
 
 
-def apply_steps(arch, steps, p, x, precision="float32"):
+def apply_steps(arch, steps, p, x, precision="float32", attention="xla"):
     """Run one block's primitive steps on ``x`` (batch, seq, d); returns the block output."""
     env = {"x": x}
     phi = activation_fn(arch)
@@ -150,7 +161,7 @@ def apply_steps(arch, steps, p, x, precision="float32"):
         elif isinstance(s, Product):
             env[s.dst] = env[s.a] * env[s.b]
         elif isinstance(s, SelfAttention):
-            env[s.dst] = _attention(arch, p, env[s.src], precision)
+            env[s.dst] = _attention(arch, p, env[s.src], precision, attention)
         elif isinstance(s, Scale):
             env[s.dst] = s.factor * env[s.src]
         elif isinstance(s, Add):
@@ -199,9 +210,11 @@ def embed(arch, params, tokens):
     return x
 
 
-def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
+def forward(arch, params, tokens, precision="float32", unroll=False, remat=False,
+            attention="xla"):
     """Logits (batch, seq, vocab) and stream statistics (depth + 1, 3).
 
+    attention: ``"xla"`` or ``"fused"`` (see `_attention`).
     remat: recompute each block's activations in the backward pass (`jax.checkpoint`), so
     that only the block inputs are stored: memory O(depth) blocks instead of every
     intermediate, at the cost of a second forward pass."""
@@ -212,7 +225,7 @@ def forward(arch, params, tokens, precision="float32", unroll=False, remat=False
 
         def body(h, xs):
             p, c = xs
-            h = apply_steps(arch, fill_constants(template, c), p, h, precision)
+            h = apply_steps(arch, fill_constants(template, c), p, h, precision, attention)
             return h, stream_stats(h)
 
         if remat:
@@ -230,9 +243,10 @@ def forward(arch, params, tokens, precision="float32", unroll=False, remat=False
     return _matmul(x, head, precision), jnp.concatenate(stats, axis=0)
 
 
-def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False):
+def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False,
+            attention="xla"):
     """Mean cross-entropy over all batch_size * seq_len positions; aux = stream statistics."""
-    logits, stats = forward(arch, params, tokens, precision, unroll, remat)
+    logits, stats = forward(arch, params, tokens, precision, unroll, remat, attention)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
     return jnp.mean(nll), stats
