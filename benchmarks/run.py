@@ -31,7 +31,9 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # theory timings: single-threaded BLAS
@@ -42,6 +44,7 @@ import numpy as np
 
 from normfield import Arch
 from normfield.probe.measure import MATMUL_PRECISION, _run_chunk
+from normfield.probe.model import ATTENTION_IMPLS
 from normfield.theory.predict import predict_grad_norms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -109,9 +112,9 @@ def make_arch(shape: dict, **changes) -> Arch:
     return Arch(placement=PLACEMENT, **{**shape, **changes})
 
 
-def probe_call(arch, precision, keys):
+def probe_call(arch, precision, keys, attention):
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
-        return jax.block_until_ready(_run_chunk(arch, precision, keys))
+        return jax.block_until_ready(_run_chunk(arch, precision, keys, attention=attention))
 
 
 def per_seed_norms(sq) -> np.ndarray:
@@ -119,30 +122,52 @@ def per_seed_norms(sq) -> np.ndarray:
                            sorted(sq.items())])
 
 
+def profile_norms(sq) -> np.ndarray:
+    """sqrt(mean over seeds of the squared norm): the number a GradProfile reports."""
+    return np.concatenate([np.sqrt(np.asarray(v, np.float64).mean(axis=0)) for _, v in
+                           sorted(sq.items())])
+
+
+def max_rel(a, ref) -> float:
+    return float((np.abs(a - ref) / np.maximum(np.abs(ref), 1e-30)).max())
+
+
 def bench_probe(shape, seeds, peaks, min_time, repeats) -> tuple[dict, dict]:
+    """Every precision with both attention implementations; `best` names the faster one."""
     arch = make_arch(shape)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
     flops = train_flops(shape, seeds)
     out, norms = {}, {}
     for prec in PRECISIONS:
-        t = time.perf_counter()
-        sq, _ = probe_call(arch, prec, keys)  # compile + first run
-        first = time.perf_counter() - t
-        times = timed(lambda: probe_call(arch, prec, keys), min_time, min_iters=repeats)
-        steady = statistics.median(times)
-        norms[prec] = per_seed_norms(sq)
-        tflops = flops / steady / 1e12
-        out[prec] = {"seconds_per_call": steady, "seconds_min": min(times), "iters": len(times),
-                     "first_call_seconds": first, "compile_seconds_est": first - steady,
-                     "tflops": tflops, "fraction_of_peak": tflops / peaks[prec]["tflops"]}
-        print(f"  probe {prec:9s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
-              f"({100 * tflops / peaks[prec]['tflops']:.1f}% of peak)", flush=True)
-    ref = norms["float32"]
-    for prec in ("tf32", "bfloat16"):
-        rel = np.abs(norms[prec] - ref) / np.maximum(np.abs(ref), 1e-30)
-        out[prec]["max_rel_diff_vs_float32"] = float(rel.max())
-        out[prec]["median_rel_diff_vs_float32"] = float(np.median(rel))
+        out[prec] = {}
+        for impl in ATTENTION_IMPLS:
+            t = time.perf_counter()
+            sq, _ = probe_call(arch, prec, keys, impl)  # compile + first run
+            first = time.perf_counter() - t
+            times = timed(lambda: probe_call(arch, prec, keys, impl), min_time,
+                          min_iters=repeats)
+            steady = statistics.median(times)
+            norms[prec, impl] = per_seed_norms(sq), profile_norms(sq)
+            tflops = flops / steady / 1e12
+            out[prec][impl] = {"seconds_per_call": steady, "seconds_min": min(times),
+                               "iters": len(times), "first_call_seconds": first,
+                               "compile_seconds_est": first - steady, "tflops": tflops,
+                               "fraction_of_peak": tflops / peaks[prec]["tflops"]}
+            (seed_ref, prof_ref), (seed, prof) = norms["float32", "xla"], norms[prec, impl]
+            rel = np.abs(seed - seed_ref) / np.maximum(np.abs(seed_ref), 1e-30)
+            out[prec][impl]["max_rel_diff_vs_float32"] = float(rel.max())
+            out[prec][impl]["median_rel_diff_vs_float32"] = float(np.median(rel))
+            out[prec][impl]["profile_max_rel_diff_vs_float32"] = max_rel(prof, prof_ref)
+            print(f"  probe {prec:9s} {impl:5s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
+                  f"({100 * tflops / peaks[prec]['tflops']:.1f}% of peak), vs float32: per "
+                  f"seed max {rel.max():.1e}, profile max {max_rel(prof, prof_ref):.1e}",
+                  flush=True)
+        out[prec]["best"] = min(ATTENTION_IMPLS, key=lambda i: out[prec][i]["seconds_per_call"])
     return out, {"flops_per_call": flops, "seeds": seeds}
+
+
+def best(probe: dict, prec: str) -> dict:
+    return probe[prec][probe[prec]["best"]]
 
 
 def compile_time(shape, depth, seeds, precision="float32") -> float:
@@ -172,6 +197,31 @@ def theory_time(shape, depth, seq_len) -> float:
     return time.perf_counter() - t
 
 
+def theory_timings(shape, with_10000: bool) -> dict:
+    """Cold-cache theory times (one process, single-threaded BLAS), depth 12/48 at seq_len 128,
+    1000/10000 at seq_len 16, and the benchmark shape itself."""
+    theory = {}
+    runs = [(12, 128), (48, 128), (1000, 16)] + ([(10000, 16)] if with_10000 else [])
+    if not with_10000:
+        theory["10000"] = {"skipped": "quick mode; use --theory-10000"}
+    for depth, n in runs:
+        s = theory_time(shape, depth, n)
+        theory[str(depth)] = {"seq_len": n, "seconds": s}
+        print(f"  theory depth {depth:5d} seq {n:3d}: {s:.2f} s", flush=True)
+    theory["benchmark_shape"] = {"seconds": theory_time(shape, shape["depth"], shape["seq_len"])}
+    theory["host"] = platform.processor() or platform.machine()
+    return theory
+
+
+def start_theory_process(quick: bool, with_10000: bool, path: str):
+    """The theory timings in a CPU-only child process, so that they run beside the device work
+    (one core of the host; the child never touches the accelerator)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--theory-only", "--out", path]
+    cmd += (["--quick"] if quick else []) + (["--theory-10000"] if with_10000 else [])
+    return subprocess.Popen(cmd, env=env)
+
+
 # ---- main --------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -179,13 +229,21 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
     p.add_argument("--theory-10000", action="store_true",
                    help="also time the theory at depth 10000 in --quick mode")
+    p.add_argument("--theory-only", action="store_true",
+                   help="only the theory timings (written to --out); used by the child process")
     args = p.parse_args(argv)
+    quick = args.quick
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    with_10000 = not quick or args.theory_10000
+    if args.theory_only:
+        theory = theory_timings(shape, with_10000)
+        with open(args.out, "w") as fh:
+            json.dump(theory, fh)
+        return theory
 
     dev = jax.devices()[0]
     kind = str(dev.device_kind)
     on_cpu = dev.platform == "cpu"
-    quick = args.quick
-    shape = QUICK_SHAPE if quick else FULL_SHAPE
     seeds = 4 if quick else 8
     mm_size = 1024 if quick else (2048 if on_cpu else 8192)
     min_time = 0.3 if quick else 1.0
@@ -201,6 +259,10 @@ def main(argv=None) -> dict:
            "seeds": seeds, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
            "flop_formula": ("3 * [depth*(2*T*(4d^2 + 2*d*d_ff) + 4*B*n^2*d) + 2*T*d*V] per seed, "
                             "T = B*n; norms/softmax/gathers not counted")}
+    theory_path = tempfile.mktemp(suffix="-theory.json")
+    # on an accelerator the theory (one CPU core) runs beside the device work; on a CPU it
+    # would compete with the probe for the cores, so it runs afterwards
+    child = None if on_cpu else start_theory_process(quick, with_10000, theory_path)
 
     print("matmul peak:", flush=True)
     res["matmul_peak"] = matmul_peak(mm_size, min_time)
@@ -217,36 +279,35 @@ def main(argv=None) -> dict:
     print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s", flush=True)
 
     print("torch reference:", flush=True)
-    try:
-        import torch_reference
-        tr = torch_reference.run(shape, seeds)
-    except Exception as exc:
-        print(f"  torch reference failed: {exc!r}")
-        tr = {"error": repr(exc)}
-    if tr and "seconds_per_seed_batch" in tr:
-        tr["probe_over_torch_time"] = (res["probe"]["float32"]["seconds_per_call"]
-                                       / tr["seconds_per_seed_batch"])
-    res["torch_reference"] = tr
+    res["torch_reference"] = {}
+    for prec in PRECISIONS:
+        try:
+            import torch_reference
+            tr = torch_reference.run(shape, seeds, prec)
+        except Exception as exc:
+            print(f"  torch reference failed: {exc!r}")
+            tr = {"error": repr(exc)}
+        if tr and "seconds_per_seed_batch" in tr:
+            tr["torch_over_probe_time"] = (tr["seconds_per_seed_batch"]
+                                           / best(res["probe"], prec)["seconds_per_call"])
+            print(f"  torch {prec:9s}: {tr['seconds_per_seed_batch']:.4f} s/seed batch, "
+                  f"{tr['torch_over_probe_time']:.2f}x the probe's time", flush=True)
+        res["torch_reference"][prec] = tr
 
     print("theory:", flush=True)
-    theory = {}
-    runs = [(12, 128), (48, 128), (1000, 16)]
-    if not quick or args.theory_10000:
-        runs.append((10000, 16))
+    if child is None:
+        theory = theory_timings(shape, with_10000)
     else:
-        theory["10000"] = {"skipped": "quick mode (~90 s on a loaded 2-core CPU); "
-                                      "use --theory-10000"}
-    for depth, n in runs:
-        s = theory_time(shape, depth, n)
-        theory[str(depth)] = {"seq_len": n, "seconds": s}
-        print(f"  depth {depth:5d} seq {n:3d}: {s:.2f} s", flush=True)
-    bench = theory_time(shape, shape["depth"], shape["seq_len"])
-    probe_t = res["probe"]["float32"]["seconds_per_call"]
-    theory["benchmark_shape"] = {"seconds": bench, "probe_float32_seconds_per_seed_batch": probe_t,
-                                 "theory_over_probe_time": bench / probe_t}
+        child.wait()
+        with open(theory_path) as fh:
+            theory = json.load(fh)
+    probe_t = best(res["probe"], "float32")["seconds_per_call"]
+    theory["benchmark_shape"].update({"probe_float32_seconds_per_seed_batch": probe_t,
+                                      "probe_over_theory_time": probe_t
+                                      / theory["benchmark_shape"]["seconds"]})
     res["theory"] = theory
-    res["theory_note"] = ("other Arch fields as the benchmark shape; depths 1000/10000 at "
-                          "seq_len 16, 12/48 at seq_len 128")
+    res["theory_note"] = ("cold caches, one CPU core of the host, other Arch fields as the "
+                          "benchmark shape; depths 1000/10000 at seq_len 16, 12/48 at seq_len 128")
 
     print_table(res)
     out = args.out or os.path.join("benchmarks", "results",
@@ -266,27 +327,30 @@ def print_table(r: dict) -> None:
     print(f"shape: d {s['d_model']}, heads {s['n_heads']}, d_ff {s['d_ff']}, depth {s['depth']}, "
           f"seq {s['seq_len']}, batch {s['batch_size']}, vocab {s['vocab_size']}, "
           f"{r['seeds']} seeds, {r['placement']}-LN; {r['flops_per_call'] / 1e9:.2f} GFLOP/call")
-    print(f"{'precision':10s} {'peak TF/s':>10s} {'probe s/call':>13s} {'probe TF/s':>11s} "
-          f"{'% peak':>7s} {'max rel diff':>13s}")
+    print(f"{'precision':10s} {'attention':9s} {'peak TF/s':>10s} {'probe s/call':>13s} "
+          f"{'probe TF/s':>11s} {'% peak':>7s} {'seed diff':>10s} {'prof diff':>10s} "
+          f"{'torch/probe':>12s}")
     for prec in PRECISIONS:
-        pk, pr = r["matmul_peak"][prec], r["probe"][prec]
-        diff = pr.get("max_rel_diff_vs_float32")
-        print(f"{prec:10s} {pk['tflops']:10.4f} {pr['seconds_per_call']:13.4f} "
-              f"{pr['tflops']:11.4f} {100 * pr['fraction_of_peak']:6.1f}% "
-              f"{'-' if diff is None else f'{diff:.2e}':>13s}")
+        pk = r["matmul_peak"][prec]
+        tr = r["torch_reference"].get(prec) or {}
+        for impl in ATTENTION_IMPLS:
+            pr = r["probe"][prec][impl]
+            ratio = (f"{tr['torch_over_probe_time']:.2f}x" if "torch_over_probe_time" in tr
+                     and impl == r["probe"][prec]["best"] else "-")
+            print(f"{prec:10s} {impl:9s} {pk['tflops']:10.3f} {pr['seconds_per_call']:13.4f} "
+                  f"{pr['tflops']:11.3f} {100 * pr['fraction_of_peak']:6.1f}% "
+                  f"{pr['max_rel_diff_vs_float32']:10.2e} "
+                  f"{pr['profile_max_rel_diff_vs_float32']:10.2e} {ratio:>12s}")
     c = r["compile"]
+    print("(seed diff / prof diff: max relative difference from float32 of the per-seed norms /"
+          " of sqrt(mean over seeds), over all parameters and layers)")
     print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
           f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
     pm = r["peak_memory"]
     print("peak device memory: " + ("null (not reported by this backend)" if pm is None else
                                     f"{pm.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB"))
-    tr = r["torch_reference"]
-    if tr and "seconds_per_seed_batch" in tr:
-        print(f"torch reference: {tr['seconds_per_seed_batch']:.4f} s/seed batch, "
-              f"probe/torch time {tr['probe_over_torch_time']:.3f}")
-    else:
-        print("torch reference: skipped (torch not importable)" if not tr else
-              f"torch reference: {tr}")
+    if not any(r["torch_reference"].values()):
+        print("torch reference: skipped (torch not importable)")
     th = r["theory"]
     for key in ("12", "48", "1000", "10000"):
         e = th[key]
@@ -295,7 +359,7 @@ def print_table(r: dict) -> None:
     b = th["benchmark_shape"]
     print(f"theory at benchmark shape: {b['seconds']:.3f} s vs probe float32 "
           f"{b['probe_float32_seconds_per_seed_batch']:.4f} s/seed batch "
-          f"-> theory/probe time {b['theory_over_probe_time']:.2f}")
+          f"-> probe/theory time {b['probe_over_theory_time']:.3g}")
 
 
 if __name__ == "__main__":

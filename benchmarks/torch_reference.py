@@ -3,8 +3,10 @@
 with a Python loop over seeds and ``nn.TransformerEncoderLayer`` stacks (Post-LN, ReLU,
 no dropout, no biases, sinusoidal positions, untied head, mean cross-entropy).
 
-`run(shape, seeds)` returns a dict with the steady-state seconds per seed batch, or ``None``
-(with a printed message) when ``import torch`` fails.
+`run(shape, seeds, precision)` returns a dict with the steady-state seconds per seed batch, or
+``None`` (with a printed message) when ``import torch`` fails.  Modules are created directly on
+the device (``device=`` factory argument), the norms of one seed come back in one transfer, and
+precision is float32 (TF32 off), tf32 (TF32 matmuls) or bfloat16 (``torch.autocast``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def _sinusoidal(n, d, torch):
     return table
 
 
-def run(shape: dict, seeds: int, repeats: int = 2) -> dict | None:
+def run(shape: dict, seeds: int, precision: str = "float32", repeats: int = 2) -> dict | None:
     try:
         import torch
         from torch import nn
@@ -31,36 +33,32 @@ def run(shape: dict, seeds: int, repeats: int = 2) -> dict | None:
         return None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     d, h, f = shape["d_model"], shape["n_heads"], shape["d_ff"]
     depth, n, b, v = shape["depth"], shape["seq_len"], shape["batch_size"], shape["vocab_size"]
     pos = _sinusoidal(n, d, torch).to(device)
 
     def one_seed(seed):
         torch.manual_seed(seed)
-        try:
-            layer = lambda: nn.TransformerEncoderLayer(d, h, f, dropout=0.0, activation="relu",
-                                                       batch_first=True, norm_first=False,
-                                                       bias=False)
-            layers = nn.ModuleList([layer() for _ in range(depth)]).to(device)
-        except TypeError:  # torch < 2.1 has no `bias` argument
-            layers = nn.ModuleList([nn.TransformerEncoderLayer(
-                d, h, f, dropout=0.0, activation="relu", batch_first=True)
-                for _ in range(depth)]).to(device)
-        emb = nn.Embedding(v, d).to(device)
-        head = nn.Linear(d, v, bias=False).to(device)
+        layers = nn.ModuleList([nn.TransformerEncoderLayer(
+            d, h, f, dropout=0.0, activation="relu", batch_first=True, norm_first=False,
+            bias=False, device=device) for _ in range(depth)])
+        emb = nn.Embedding(v, d, device=device)
+        head = nn.Linear(d, v, bias=False, device=device)
         nn.init.xavier_normal_(head.weight)
         tokens = torch.randint(0, v, (b, n), device=device)
         targets = torch.randint(0, v, (b, n), device=device)
-        x = emb(tokens) + pos
-        for lyr in layers:
-            x = lyr(x)
-        loss = nn.functional.cross_entropy(head(x).reshape(-1, v), targets.reshape(-1))
+        with autocast:
+            x = emb(tokens) + pos
+            for lyr in layers:
+                x = lyr(x)
+            logits = head(x).float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, v), targets.reshape(-1))
         loss.backward()
-        norms = [[p.grad.norm().item() for p in lyr.parameters() if p.grad is not None]
-                 for lyr in layers]
-        return norms
+        norms = torch.stack([p.grad.norm() for lyr in layers for p in lyr.parameters()])
+        return norms.cpu()
 
     def batch():
         for s in range(seeds):
@@ -75,8 +73,9 @@ def run(shape: dict, seeds: int, repeats: int = 2) -> dict | None:
         batch()
         times.append(time.perf_counter() - t)
     return {"torch_version": torch.__version__, "device": device, "seeds": seeds,
-            "seconds_per_seed_batch": min(times), "repeats": repeats,
-            "note": "Post-LN nn.TransformerEncoderLayer stack, fp32 (TF32 off), loop over seeds"}
+            "precision": precision, "seconds_per_seed_batch": min(times), "repeats": repeats,
+            "note": "Post-LN nn.TransformerEncoderLayer stack created on the device, "
+                    "loop over seeds"}
 
 
 if __name__ == "__main__":

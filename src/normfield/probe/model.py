@@ -70,7 +70,8 @@ def init_params(arch, key) -> dict:
     """Random parameters of `arch` (float32); per-layer parameters stacked on a leading axis."""
     shapes = layer_param_shapes(arch)
     layer_key, global_key = jax.random.split(key)
-    keys = jax.random.split(layer_key, arch.depth * len(shapes)).reshape(arch.depth, len(shapes), -1)
+    keys = jax.random.split(layer_key, arch.depth * len(shapes))
+    keys = keys.reshape(arch.depth, len(shapes), *keys.shape[1:])  # raw or typed keys
 
     def one_layer(layer_keys):
         return {n: _init_one(arch, n, shape, layer_keys[i])
@@ -86,11 +87,32 @@ def init_params(arch, key) -> dict:
 
 
 # ---- primitives --------------------------------------------------------------------------------
+@jax.custom_vjp
+def _bf16_matmul(x, w):
+    """``x @ w`` with bf16 operands and float32 accumulation, forward and backward: the
+    backward products take the float32 cotangent rounded to bf16, as mixed-precision training
+    does (JAX's own transpose would multiply the float32 cotangent by an upcast weight)."""
+    return _bf16_matmul_fwd(x, w)[0]
+
+
+def _bf16_matmul_fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return jnp.matmul(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
+
+
+def _bf16_matmul_bwd(residuals, g):
+    xb, wb = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.matmul(gb, wb.T, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...i,...j->ij", xb, gb, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
 def _matmul(x, w, precision: str):
-    if precision == "bfloat16":
-        return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                          preferred_element_type=jnp.float32)
-    return jnp.matmul(x, w)
+    return _bf16_matmul(x, w) if precision == "bfloat16" else jnp.matmul(x, w)
 
 
 def _norm(arch, x, scale):
@@ -116,8 +138,8 @@ def _rotate(u, n):
 def _attention(arch, p, x, precision, attention="xla"):
     """Multi-head self-attention.  ``attention="xla"`` writes softmax(QK^T/sqrt(d_head))V out
     (float32 logits and softmax in every precision); ``"fused"`` hands the same product to
-    `jax.nn.dot_product_attention`, which picks a fused kernel (cuDNN flash attention for
-    bf16 on NVIDIA GPUs) where one exists and XLA otherwise."""
+    `jax.nn.dot_product_attention`: cuDNN flash attention for bfloat16 on NVIDIA GPUs (the
+    n x n probabilities never reach device memory), XLA's implementation otherwise."""
     b, n, d = x.shape
     heads = lambda name: _linear(p, name, x, precision).reshape(b, n, arch.n_heads, arch.d_head)
     q, k, v = heads("attn.q"), heads("attn.k"), heads("attn.v")
@@ -129,10 +151,13 @@ def _attention(arch, p, x, precision, attention="xla"):
     if arch.positions == "rope":
         q, k = _rotate(q, n), _rotate(k, n)
     if attention == "fused":
-        dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+        low = precision == "bfloat16"
+        dtype = jnp.bfloat16 if low else jnp.float32
+        # cuDNN takes bf16 only, and JAX's implementation=None means XLA, so ask explicitly
+        impl = "cudnn" if low and jax.default_backend() == "gpu" else None
         out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                            scale=1.0 / math.sqrt(arch.d_head),
-                                           is_causal=arch.mask == "causal")
+                                           is_causal=arch.mask == "causal", implementation=impl)
         return out.astype(jnp.float32).reshape(b, n, d)
     if precision == "bfloat16":
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)

@@ -1,0 +1,30 @@
+"""The bf16 matmul of the probe: bf16 operands, float32 accumulation, in the forward product and
+in both backward products (cotangent rounded to bf16)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from normfield.probe.model import _bf16_matmul
+
+
+def _round_bf16(a):
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def test_bf16_matmul_forward_and_backward_match_float64_products_of_rounded_operands():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+    w = rng.normal(size=(16, 7)).astype(np.float32)
+    g = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    y, vjp = jax.vjp(_bf16_matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    xr, wr, gr = _round_bf16(x), _round_bf16(w), _round_bf16(g)
+    # float32 accumulation of 16 (dx: 7, dw: 15) exactly representable products: error ~1e-6
+    np.testing.assert_allclose(y, xr @ wr, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gr @ wr.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bni,bnj->ij", xr, gr), rtol=1e-5, atol=1e-5)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    # and the cotangent really is rounded: the float32 cotangent gives a different dx
+    assert np.abs(np.asarray(dx) - g.astype(np.float64) @ wr.T).max() > 1e-4
