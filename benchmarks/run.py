@@ -44,7 +44,6 @@ import numpy as np
 
 from normfield import Arch
 from normfield.probe.measure import MATMUL_PRECISION, _run_chunk
-from normfield.probe.model import ATTENTION_IMPLS
 from normfield.theory.predict import predict_grad_norms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -112,9 +111,9 @@ def make_arch(shape: dict, **changes) -> Arch:
     return Arch(placement=PLACEMENT, **{**shape, **changes})
 
 
-def probe_call(arch, precision, keys, attention):
+def probe_call(arch, precision, keys):
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
-        return jax.block_until_ready(_run_chunk(arch, precision, keys, attention=attention))
+        return jax.block_until_ready(_run_chunk(arch, precision, keys))
 
 
 def per_seed_norms(sq) -> np.ndarray:
@@ -133,41 +132,29 @@ def max_rel(a, ref) -> float:
 
 
 def bench_probe(shape, seeds, peaks, min_time, repeats) -> tuple[dict, dict]:
-    """Every precision with both attention implementations; `best` names the faster one."""
     arch = make_arch(shape)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
     flops = train_flops(shape, seeds)
     out, norms = {}, {}
     for prec in PRECISIONS:
-        out[prec] = {}
-        for impl in ATTENTION_IMPLS:
-            t = time.perf_counter()
-            sq, _ = probe_call(arch, prec, keys, impl)  # compile + first run
-            first = time.perf_counter() - t
-            times = timed(lambda: probe_call(arch, prec, keys, impl), min_time,
-                          min_iters=repeats)
-            steady = statistics.median(times)
-            norms[prec, impl] = per_seed_norms(sq), profile_norms(sq)
-            tflops = flops / steady / 1e12
-            out[prec][impl] = {"seconds_per_call": steady, "seconds_min": min(times),
-                               "iters": len(times), "first_call_seconds": first,
-                               "compile_seconds_est": first - steady, "tflops": tflops,
-                               "fraction_of_peak": tflops / peaks[prec]["tflops"]}
-            (seed_ref, prof_ref), (seed, prof) = norms["float32", "xla"], norms[prec, impl]
-            rel = np.abs(seed - seed_ref) / np.maximum(np.abs(seed_ref), 1e-30)
-            out[prec][impl]["max_rel_diff_vs_float32"] = float(rel.max())
-            out[prec][impl]["median_rel_diff_vs_float32"] = float(np.median(rel))
-            out[prec][impl]["profile_max_rel_diff_vs_float32"] = max_rel(prof, prof_ref)
-            print(f"  probe {prec:9s} {impl:5s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
-                  f"({100 * tflops / peaks[prec]['tflops']:.1f}% of peak), vs float32: per "
-                  f"seed max {rel.max():.1e}, profile max {max_rel(prof, prof_ref):.1e}",
-                  flush=True)
-        out[prec]["best"] = min(ATTENTION_IMPLS, key=lambda i: out[prec][i]["seconds_per_call"])
+        t = time.perf_counter()
+        sq, _ = probe_call(arch, prec, keys)  # compile + first run
+        first = time.perf_counter() - t
+        times = timed(lambda: probe_call(arch, prec, keys), min_time, min_iters=repeats)
+        steady = statistics.median(times)
+        norms[prec] = per_seed_norms(sq), profile_norms(sq)
+        tflops = flops / steady / 1e12
+        (seed_ref, prof_ref), (seed, prof) = norms["float32"], norms[prec]
+        out[prec] = {"seconds_per_call": steady, "seconds_min": min(times), "iters": len(times),
+                     "first_call_seconds": first, "compile_seconds_est": first - steady,
+                     "tflops": tflops, "fraction_of_peak": tflops / peaks[prec]["tflops"],
+                     "max_rel_diff_vs_float32": max_rel(seed, seed_ref),
+                     "profile_max_rel_diff_vs_float32": max_rel(prof, prof_ref)}
+        print(f"  probe {prec:9s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
+              f"({100 * tflops / peaks[prec]['tflops']:.1f}% of peak), vs float32: per seed "
+              f"max {max_rel(seed, seed_ref):.1e}, profile max {max_rel(prof, prof_ref):.1e}",
+              flush=True)
     return out, {"flops_per_call": flops, "seeds": seeds}
-
-
-def best(probe: dict, prec: str) -> dict:
-    return probe[prec][probe[prec]["best"]]
 
 
 def compile_time(shape, depth, seeds, precision="float32") -> float:
@@ -289,7 +276,7 @@ def main(argv=None) -> dict:
             tr = {"error": repr(exc)}
         if tr and "seconds_per_seed_batch" in tr:
             tr["torch_over_probe_time"] = (tr["seconds_per_seed_batch"]
-                                           / best(res["probe"], prec)["seconds_per_call"])
+                                           / res["probe"][prec]["seconds_per_call"])
             print(f"  torch {prec:9s}: {tr['seconds_per_seed_batch']:.4f} s/seed batch, "
                   f"{tr['torch_over_probe_time']:.2f}x the probe's time", flush=True)
         res["torch_reference"][prec] = tr
@@ -301,7 +288,7 @@ def main(argv=None) -> dict:
         child.wait()
         with open(theory_path) as fh:
             theory = json.load(fh)
-    probe_t = best(res["probe"], "float32")["seconds_per_call"]
+    probe_t = res["probe"]["float32"]["seconds_per_call"]
     theory["benchmark_shape"].update({"probe_float32_seconds_per_seed_batch": probe_t,
                                       "probe_over_theory_time": probe_t
                                       / theory["benchmark_shape"]["seconds"]})
@@ -327,21 +314,16 @@ def print_table(r: dict) -> None:
     print(f"shape: d {s['d_model']}, heads {s['n_heads']}, d_ff {s['d_ff']}, depth {s['depth']}, "
           f"seq {s['seq_len']}, batch {s['batch_size']}, vocab {s['vocab_size']}, "
           f"{r['seeds']} seeds, {r['placement']}-LN; {r['flops_per_call'] / 1e9:.2f} GFLOP/call")
-    print(f"{'precision':10s} {'attention':9s} {'peak TF/s':>10s} {'probe s/call':>13s} "
-          f"{'probe TF/s':>11s} {'% peak':>7s} {'seed diff':>10s} {'prof diff':>10s} "
-          f"{'torch/probe':>12s}")
+    print(f"{'precision':10s} {'peak TF/s':>10s} {'probe s/call':>13s} {'probe TF/s':>11s} "
+          f"{'% peak':>7s} {'seed diff':>10s} {'prof diff':>10s} {'torch/probe':>12s}")
     for prec in PRECISIONS:
-        pk = r["matmul_peak"][prec]
+        pk, pr = r["matmul_peak"][prec], r["probe"][prec]
         tr = r["torch_reference"].get(prec) or {}
-        for impl in ATTENTION_IMPLS:
-            pr = r["probe"][prec][impl]
-            ratio = (f"{tr['torch_over_probe_time']:.2f}x" if "torch_over_probe_time" in tr
-                     and impl == r["probe"][prec]["best"] else "-")
-            print(f"{prec:10s} {impl:9s} {pk['tflops']:10.3f} {pr['seconds_per_call']:13.4f} "
-                  f"{pr['tflops']:11.3f} {100 * pr['fraction_of_peak']:6.1f}% "
-                  f"{pr['max_rel_diff_vs_float32']:10.2e} "
-                  f"{pr['profile_max_rel_diff_vs_float32']:10.2e} {ratio:>12s}")
-    c = r["compile"]
+        ratio = f"{tr['torch_over_probe_time']:.2f}x" if "torch_over_probe_time" in tr else "-"
+        print(f"{prec:10s} {pk['tflops']:10.3f} {pr['seconds_per_call']:13.4f} "
+              f"{pr['tflops']:11.3f} {100 * pr['fraction_of_peak']:6.1f}% "
+              f"{pr['max_rel_diff_vs_float32']:10.2e} "
+              f"{pr['profile_max_rel_diff_vs_float32']:10.2e} {ratio:>12s}")
     print("(seed diff / prof diff: max relative difference from float32 of the per-seed norms /"
           " of sqrt(mean over seeds), over all parameters and layers)")
     print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "

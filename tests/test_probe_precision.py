@@ -28,3 +28,22 @@ def test_bf16_matmul_forward_and_backward_match_float64_products_of_rounded_oper
     assert y.dtype == dx.dtype == dw.dtype == jnp.float32
     # and the cotangent really is rounded: the float32 cotangent gives a different dx
     assert np.abs(np.asarray(dx) - g.astype(np.float64) @ wr.T).max() > 1e-4
+
+
+def test_cli_precision_choices_mirror_the_probe():
+    from normfield import cli
+    from normfield.probe import model
+    assert cli.PRECISIONS == model.PRECISIONS
+
+
+def test_bfloat16_probe_stays_near_float32():
+    # bf16 operands carry 8 significant bits (relative rounding <= 2^-9 ~ 0.2% each); a squared
+    # gradient norm is a sum of many such products whose rounding errors partly cancel, so a
+    # 5% bound on the per-seed squared norms is loose but catches a wrong backward product.
+    from normfield import Arch, measure_grad_norms
+    arch = Arch(depth=2, placement="post", d_model=32, n_heads=2, d_ff=64, seq_len=8,
+                batch_size=2, vocab_size=17)
+    ref = measure_grad_norms(arch, seeds=2, key=1)
+    low = measure_grad_norms(arch, seeds=2, key=1, precision="bfloat16")
+    for name, values in ref.per_seed_sq.items():
+        np.testing.assert_allclose(low.per_seed_sq[name], values, rtol=0.05)

@@ -29,7 +29,6 @@ __all__ = ["main", "build_parser", "arch_from_args", "format_profile", "write_pr
 
 PROG = "normfield"
 PRECISIONS = ("float32", "tf32", "bfloat16")  # normfield.probe.model.PRECISIONS (no jax import)
-ATTENTION_IMPLS = ("xla", "fused")  # normfield.probe.model.ATTENTION_IMPLS (no jax import)
 
 CHOICES: dict[str, Sequence[str]] = {
     "placement": tuple(PLACEMENTS), "norm": NORMS, "activation": ACTIVATIONS, "mask": MASKS,
@@ -228,8 +227,7 @@ def cmd_probe(args) -> int:
     from normfield.probe.measure import measure_grad_norms
 
     profile = measure_grad_norms(arch, seeds=args.seeds, key=args.key, precision=args.precision,
-                                 chunk=args.chunk, remat=args.remat,
-                                 attention=args.attention)
+                                 chunk=args.chunk, remat=args.remat)
     return _emit(profile, args)
 
 
@@ -320,10 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds per compiled call; lower it to save memory (default: all seeds)")
     g.add_argument("--remat", action="store_true",
                    help="recompute each block in the backward pass (jax.checkpoint) to save memory")
-    g.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla",
-                   help="xla: softmax attention written out (float32 softmax); fused: "
-                        "jax.nn.dot_product_attention (cuDNN flash attention for bfloat16 on "
-                        "NVIDIA GPUs) (default: %(default)s)")
     g.add_argument("--out", metavar="PATH", help=out_help)
     p.set_defaults(handler=cmd_probe)
 

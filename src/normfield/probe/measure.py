@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from normfield.arch import check_choice, check_int
 from normfield.data import token_probs
-from normfield.probe.model import ATTENTION_IMPLS, PRECISIONS, loss_fn, init_params
+from normfield.probe.model import PRECISIONS, loss_fn, init_params
 from normfield.profile import ACTIVATION_KEYS, GradProfile
 
 MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default"}
@@ -50,21 +50,21 @@ def _squared_norms(grads) -> dict:
     return out
 
 
-def one_seed(arch, precision, key, remat=False, attention="xla"):
+def one_seed(arch, precision, key, remat=False):
     """Per-parameter squared gradient norms and stream statistics for one seed."""
     k_param, k_data = jax.random.split(key)
     params = init_params(arch, k_param)
     tokens, targets = sample_batch(arch, k_data)
-    loss = partial(loss_fn, arch, precision=precision, remat=remat, attention=attention)
+    loss = partial(loss_fn, arch, precision=precision, remat=remat)
     grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
     return _squared_norms(grads), stats
 
 
-@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "attention"))
-def _run_chunk(arch, precision, keys, remat=False, attention="xla"):
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat",))
+def _run_chunk(arch, precision, keys, remat=False):
     """All seeds of a chunk in one compiled call (parameters and data are created on device
     from the keys, so nothing but the keys goes in and only (seeds, depth) arrays come out)."""
-    return jax.vmap(partial(one_seed, arch, precision, remat=remat, attention=attention))(keys)
+    return jax.vmap(partial(one_seed, arch, precision, remat=remat))(keys)
 
 
 def _shard(keys):
@@ -76,8 +76,7 @@ def _shard(keys):
 
 
 def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
-                       chunk: int | None = None, remat: bool = False,
-                       attention: str = "xla") -> GradProfile:
+                       chunk: int | None = None, remat: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
 
     Args:
@@ -88,9 +87,6 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
       chunk: seeds per compiled call (default: all at once); lower it to save memory.
       remat: rematerialize each block in the backward pass (`jax.checkpoint`) to fit larger
         configurations; same numbers up to float rounding.
-      attention: ``"xla"`` (softmax attention written out, float32 softmax) or ``"fused"``
-        (`jax.nn.dot_product_attention`: cuDNN flash attention for bfloat16 on NVIDIA GPUs);
-        same function, different rounding.
     Raises:
       ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
       a gradient is NaN or infinite (never averaged away).
@@ -98,15 +94,14 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
     check_int("seeds", seeds, 1)
     check_int("key", key, 0)
     check_choice("precision", precision, PRECISIONS)
-    check_choice("attention", attention, ATTENTION_IMPLS)
     chunk = seeds if chunk is None else chunk
     check_int("chunk", chunk, 1)
     keys = jax.random.split(jax.random.PRNGKey(key), seeds)
     start = time.perf_counter()
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
         # every chunk is dispatched before any result is fetched: no host round trip in between
-        parts = [_run_chunk(arch, precision, _shard(keys[lo:lo + chunk]), remat=remat,
-                            attention=attention) for lo in range(0, seeds, chunk)]
+        parts = [_run_chunk(arch, precision, _shard(keys[lo:lo + chunk]), remat=remat)
+                 for lo in range(0, seeds, chunk)]
         parts = jax.device_get(parts)
     sq_parts, stat_parts = [p[0] for p in parts], [p[1] for p in parts]
     elapsed = time.perf_counter() - start
@@ -131,7 +126,6 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
     if arch.batch_size == 1:
         acts["cos_across"] = np.full(arch.depth + 1, np.nan)
     meta = {"seeds": seeds, "key": key, "precision": precision, "remat": remat,
-            "attention": attention,
             "jax_version": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),
             "platform": platform.platform(), "seconds": elapsed,

@@ -20,7 +20,6 @@ from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale,
                                   split_constants)
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "fused")
 _ACT = {
     "relu": jax.nn.relu,
     "gelu": lambda u: jax.nn.gelu(u, approximate=False),
@@ -135,11 +134,11 @@ def _rotate(u, n):
     return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(u.shape)
 
 
-def _attention(arch, p, x, precision, attention="xla"):
-    """Multi-head self-attention.  ``attention="xla"`` writes softmax(QK^T/sqrt(d_head))V out
-    (float32 logits and softmax in every precision); ``"fused"`` hands the same product to
-    `jax.nn.dot_product_attention`: cuDNN flash attention for bfloat16 on NVIDIA GPUs (the
-    n x n probabilities never reach device memory), XLA's implementation otherwise."""
+def _attention(arch, p, x, precision):
+    """Multi-head self-attention softmax(QK^T/sqrt(d_head))V, float32 logits and softmax in
+    every precision.  (cuDNN's fused attention through `jax.nn.dot_product_attention` was
+    tried under the seed `vmap` on an H200 with JAX 0.11.2 and gave gradient norms off by up to
+    11x in bf16; see benchmarks/README.md.)"""
     b, n, d = x.shape
     heads = lambda name: _linear(p, name, x, precision).reshape(b, n, arch.n_heads, arch.d_head)
     q, k, v = heads("attn.q"), heads("attn.k"), heads("attn.v")
@@ -150,15 +149,6 @@ def _attention(arch, p, x, precision, attention="xla"):
             q = q * (arch.qk_temperature / math.sqrt(arch.d_head))
     if arch.positions == "rope":
         q, k = _rotate(q, n), _rotate(k, n)
-    if attention == "fused":
-        low = precision == "bfloat16"
-        dtype = jnp.bfloat16 if low else jnp.float32
-        # cuDNN takes bf16 only, and JAX's implementation=None means XLA, so ask explicitly
-        impl = "cudnn" if low and jax.default_backend() == "gpu" else None
-        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                           scale=1.0 / math.sqrt(arch.d_head),
-                                           is_causal=arch.mask == "causal", implementation=impl)
-        return out.astype(jnp.float32).reshape(b, n, d)
     if precision == "bfloat16":
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -172,7 +162,7 @@ def _attention(arch, p, x, precision, attention="xla"):
     return out.reshape(b, n, d)
 
 
-def apply_steps(arch, steps, p, x, precision="float32", attention="xla"):
+def apply_steps(arch, steps, p, x, precision="float32"):
     """Run one block's primitive steps on ``x`` (batch, seq, d); returns the block output."""
     env = {"x": x}
     phi = activation_fn(arch)
@@ -186,7 +176,7 @@ def apply_steps(arch, steps, p, x, precision="float32", attention="xla"):
         elif isinstance(s, Product):
             env[s.dst] = env[s.a] * env[s.b]
         elif isinstance(s, SelfAttention):
-            env[s.dst] = _attention(arch, p, env[s.src], precision, attention)
+            env[s.dst] = _attention(arch, p, env[s.src], precision)
         elif isinstance(s, Scale):
             env[s.dst] = s.factor * env[s.src]
         elif isinstance(s, Add):
@@ -235,11 +225,9 @@ def embed(arch, params, tokens):
     return x
 
 
-def forward(arch, params, tokens, precision="float32", unroll=False, remat=False,
-            attention="xla"):
+def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
     """Logits (batch, seq, vocab) and stream statistics (depth + 1, 3).
 
-    attention: ``"xla"`` or ``"fused"`` (see `_attention`).
     remat: recompute each block's activations in the backward pass (`jax.checkpoint`), so
     that only the block inputs are stored: memory O(depth) blocks instead of every
     intermediate, at the cost of a second forward pass."""
@@ -250,7 +238,7 @@ def forward(arch, params, tokens, precision="float32", unroll=False, remat=False
 
         def body(h, xs):
             p, c = xs
-            h = apply_steps(arch, fill_constants(template, c), p, h, precision, attention)
+            h = apply_steps(arch, fill_constants(template, c), p, h, precision)
             return h, stream_stats(h)
 
         if remat:
@@ -268,10 +256,9 @@ def forward(arch, params, tokens, precision="float32", unroll=False, remat=False
     return _matmul(x, head, precision), jnp.concatenate(stats, axis=0)
 
 
-def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False,
-            attention="xla"):
+def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False):
     """Mean cross-entropy over all batch_size * seq_len positions; aux = stream statistics."""
-    logits, stats = forward(arch, params, tokens, precision, unroll, remat, attention)
+    logits, stats = forward(arch, params, tokens, precision, unroll, remat)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
     return jnp.mean(nll), stats
