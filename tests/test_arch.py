@@ -289,3 +289,57 @@ def test_sampled_parameters_other_schemes(kw):
 
     a = Arch(depth=4, d_model=128, n_heads=2, d_ff=256, seq_len=64, vocab_size=512, **kw)
     _check_samples(a, jax.jit(init_params, static_argnums=0)(a, jax.random.PRNGKey(1)))
+
+
+# ---- encoder-decoder ---------------------------------------------------------------------------
+ENC_DEC = dict(depth=2, decoder_depth=3, d_model=16, n_heads=2, d_ff=32, seq_len=4, batch_size=2,
+               vocab_size=11)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(decoder_depth=-1), ["decoder_depth", "-1", "integer >= 0"]),
+    (dict(placement="normformer"), ["placement", "'normformer'", "encoder-decoder", "'post'",
+                                    "'pre'", "'deepnorm'"]),
+    (dict(mask="causal"), ["mask", "'causal'", "'bidirectional'", "decoder"]),
+    (dict(positions="rope"), ["positions", "'rope'", "cross-attention"]),
+])
+def test_encoder_decoder_bad_combinations_are_named(changes, words):
+    with pytest.raises(ValueError) as err:
+        Arch(**{**ENC_DEC, "placement": "post", **changes})
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_encoder_decoder_parameter_names_and_groups():
+    from normfield.arch import group_of
+    from normfield.placements import layer_params
+    from normfield.probe.model import global_params
+
+    arch = Arch(**ENC_DEC, placement="pre", tied_head=True)
+    names = layer_params(arch)
+    assert names[:8] == ("enc.norm1.scale", "enc.attn.q", "enc.attn.k", "enc.attn.v",
+                         "enc.attn.o", "enc.norm2.scale", "enc.ffn.w1", "enc.ffn.w2")
+    assert {"dec.self_attn.q", "dec.cross_attn.v", "dec.norm3.scale", "dec.ffn.w2"} <= set(names)
+    assert global_params(arch) == ("enc.embed.tok", "enc.final_norm.scale", "dec.embed.tok",
+                                   "dec.final_norm.scale")
+    assert [group_of(n) for n in ("dec.cross_attn.k", "dec.self_attn.o", "enc.ffn.w1",
+                                  "dec.embed.tok", "attn.q")] == [
+        "attn.k", "attn.o", "ffn.w1", "embed.tok", "attn.q"]
+
+
+def test_deepnorm_encoder_decoder_constants_follow_deepnet_table_1():
+    # Wang et al. 2022 (DeepNet), Table 1, encoder-decoder with N = M = 6, computed by hand:
+    # encoder alpha = 0.81 (N^4 M)^(1/16) = 0.81 * 7776^(1/16), beta = 0.87 * 7776^(-1/16);
+    # decoder alpha = (3M)^(1/4) = 18^(1/4), beta = (12M)^(-1/4) = 72^(-1/4)
+    from normfield.placements import deepnorm_constants, stacks
+
+    arch = Arch(**{**ENC_DEC, "depth": 6, "decoder_depth": 6}, placement="deepnorm")
+    enc, dec = stacks(arch)
+    assert deepnorm_constants(arch, enc) == pytest.approx((1.41794, 0.49699), rel=1e-4)
+    assert deepnorm_constants(arch, dec) == pytest.approx((2.05977, 0.34329), rel=1e-4)
+    assert arch.param_init("dec.cross_attn.v", dec).std == pytest.approx(
+        0.34329 * (2 / 32) ** 0.5, rel=1e-4)  # Xavier std sqrt(2/(d+d)) times beta
+    assert arch.param_init("enc.attn.q", enc).std == pytest.approx((2 / 32) ** 0.5)  # no beta
+    single = Arch(**{**ENC_DEC, "decoder_depth": 0, "depth": 6}, placement="deepnorm")
+    assert deepnorm_constants(single, stacks(single)[0]) == pytest.approx((12 ** 0.25,
+                                                                           48 ** -0.25))

@@ -16,10 +16,33 @@ L, D, N, V = 3, 64, 8, 50
 
 
 def shapes(arch):
+    """Parameter shapes by profile name (stacked layer parameters under their stack prefix)."""
     params = init_params(arch, jax.random.PRNGKey(0))
-    out = {k: tuple(v.shape) for k, v in params.items() if k != "layers"}
-    out.update({k: tuple(v.shape) for k, v in params["layers"].items()})
+    out = {}
+    for key, value in params.items():
+        if key.endswith("layers"):
+            out.update({key[: -len("layers")] + k: tuple(v.shape) for k, v in value.items()})
+        else:
+            out[key] = tuple(value.shape)
     return out
+
+
+def check_encoder_decoder_shapes(s, d_ff, final_norm):
+    """fairseq / tensor2tensor encoder-decoder: per layer self-attention (+ encoder-decoder
+    attention in the decoder) and FFN with biases, separate token embeddings, tied decoder
+    output projection."""
+    for prefix, attns, norms in (("enc.", ("attn",), 2), ("dec.", ("self_attn", "cross_attn"), 3)):
+        for attn in attns:
+            for p in "qkvo":
+                assert s[f"{prefix}{attn}.{p}"] == (L, D, D)
+                assert s[f"{prefix}{attn}.{p}.bias"] == (L, D)
+        assert s[prefix + "ffn.w1"] == (L, D, d_ff) and s[prefix + "ffn.w2"] == (L, d_ff, D)
+        for i in range(1, norms + 1):
+            assert s[f"{prefix}norm{i}.scale"] == (L, D)
+        assert f"{prefix}norm{norms + 1}.scale" not in s
+        assert s[prefix + "embed.tok"] == (V, D)
+        assert (prefix + "final_norm.scale" in s) == final_norm
+    assert "head.out" not in s and "embed.tok" not in s
 
 
 def std(arch, group):
@@ -85,35 +108,45 @@ def test_vaswani2017():
     a = presets.vaswani2017(**SMALL)
     assert (a.placement, a.has_final_norm, a.activation, a.positions, a.mask) == (
         "post", False, "relu", "sinusoidal", "bidirectional")
+    assert (a.depth, a.decoder_depth) == (L, L)
     assert a.tied_head and a.bias and a.d_ff == 4 * D
     assert a.embed_scale == pytest.approx(8.0)  # sqrt(64)
     assert std(a, "embed.tok") == pytest.approx(1 / 8)  # d^-1/2
-    for g in ("attn.q", "attn.k", "attn.v", "attn.o"):
+    for g in ("attn.q", "attn.k", "attn.v", "attn.o", "cross_attn.k", "self_attn.o"):
         assert std(a, g) == pytest.approx(math.sqrt(2 / 128))
     for g in ("ffn.w1", "ffn.w2"):
         assert std(a, g) == pytest.approx(math.sqrt(2 / (64 + 256)))
         assert a.bias_init(g).std == 0.0
-    check_common_shapes(shapes(a), 4 * D)
-    assert "final_norm.scale" not in shapes(a)
+    check_encoder_decoder_shapes(shapes(a), 4 * D, final_norm=False)
+    assert presets.vaswani2017(**SMALL, decoder_depth=2).decoder_depth == 2
 
 
 def test_fairseq_iwslt():
     a = presets.fairseq_iwslt(**SMALL)
     assert (a.placement, a.has_final_norm, a.activation, a.positions, a.mask) == (
         "post", False, "relu", "sinusoidal", "bidirectional")
-    assert a.d_ff == 2 * D and a.bias and not a.tied_head
+    assert (a.depth, a.decoder_depth) == (L, L)
+    assert a.d_ff == 2 * D and a.bias and a.tied_head
+    assert presets.fairseq_iwslt(depth=6).vocab_size == 6632  # prepare-iwslt14.sh, English
     assert a.embed_scale == pytest.approx(8.0)
     assert std(a, "embed.tok") == pytest.approx(1 / 8)
-    for g in ("attn.q", "attn.k", "attn.v"):  # xavier_uniform_(gain=1/sqrt(2)): var 1/(2d)
-        assert std(a, g) ** 2 == pytest.approx(1 / 128)
-    assert std(a, "attn.o") ** 2 == pytest.approx(1 / 64)
+    for g in ("attn.q", "attn.k", "attn.v", "self_attn.q", "cross_attn.k", "cross_attn.v"):
+        assert std(a, g) ** 2 == pytest.approx(1 / 128)  # xavier_uniform_(gain=1/sqrt(2))
+    for g in ("attn.o", "self_attn.o", "cross_attn.o"):
+        assert std(a, g) ** 2 == pytest.approx(1 / 64)
     for g in ("ffn.w1", "ffn.w2"):
         assert std(a, g) ** 2 == pytest.approx(2 / (64 + 128))
         assert a.bias_init(g).std == 0.0
-    check_common_shapes(shapes(a), 2 * D, tied=False)
+    check_encoder_decoder_shapes(shapes(a), 2 * D, final_norm=False)
     pre = presets.fairseq_iwslt(**SMALL, placement="pre")
     assert pre.placement == "pre" and pre.has_final_norm
-    assert shapes(pre)["final_norm.scale"] == (D,)
+    check_encoder_decoder_shapes(shapes(pre), 2 * D, final_norm=True)
+    assert shapes(pre)["enc.final_norm.scale"] == shapes(pre)["dec.final_norm.scale"] == (D,)
+
+
+def test_encoder_decoder_preset_rejects_a_placement_without_decoder_blocks():
+    with pytest.raises(ValueError, match="'normformer'.*encoder-decoder.*'post'"):
+        presets.fairseq_iwslt(**SMALL, placement="normformer")
 
 
 def test_gpt2():

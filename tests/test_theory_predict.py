@@ -63,3 +63,30 @@ def test_qk_temperature_scales_the_logits_of_normalized_queries():
     assert np.all(hot["attn.q"] > 1.2 * plain["attn.q"])
     with pytest.raises(ValueError, match="qk_temperature"):
         Arch(**{**kw, "qk_norm": False}, qk_temperature=3.0)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_encoder_decoder_parameters_present(placement):
+    arch = Arch(depth=2, decoder_depth=3, placement=placement, tied_head=True, **SMALL)
+    prof = predict(arch)
+    assert set(prof.names) == set(layer_params(arch)) | set(global_params(arch))
+    for name in layer_params(arch):
+        assert prof[name].shape == ((2,) if name.startswith("enc.") else (3,))
+        assert np.all(np.isfinite(prof[name])) and np.all(prof[name] > 0)
+    assert prof.activations["enc.sq_norm"].shape == (3,)
+    assert prof.activations["dec.cos_within"].shape == (4,)
+
+
+def test_encoder_gradient_flows_only_through_cross_attention_keys_and_values():
+    # with W_k = W_v = 0 (every attention) the decoder's cross-attention output does not depend
+    # on the encoder output, so no gradient reaches the encoder; the decoder still gets one
+    from normfield.arch import Init
+
+    arch = Arch(depth=2, decoder_depth=2, placement="pre", **SMALL,
+                init=Init(stds=(("attn.k", 0.0), ("attn.v", 0.0))))
+    prof = predict(arch)
+    for name in ("enc.ffn.w2", "enc.attn.o", "enc.embed.tok"):
+        assert np.all(prof[name] == 0.0), name
+    assert np.all(prof["dec.ffn.w2"] > 0)
+    full = predict(arch.replace(init=Init()))
+    assert np.all(full["enc.ffn.w2"] > 0)

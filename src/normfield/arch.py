@@ -37,6 +37,23 @@ INIT_SCHEMES = ("xavier_normal", "normal", "torch")
 WEIGHT_GROUPS = ("embed.tok", "embed.pos", "attn.q", "attn.k", "attn.v", "attn.o",
                  "ffn.w1", "ffn.w2", "ffn.w3", "head.out")
 RESIDUAL_GROUPS = ("attn.o", "ffn.w2")
+ATTENTION_KINDS = ("self_attn.", "cross_attn.")
+
+
+STACK_PREFIXES = ("enc.", "dec.")
+
+
+def group_of(name: str) -> str:
+    """The init group of a weight name: stack prefixes (``enc.``, ``dec.``) dropped, and an
+    encoder-decoder's ``self_attn.*`` and ``cross_attn.*`` projections in the ``attn.*``
+    groups."""
+    for prefix in STACK_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    for kind in ATTENTION_KINDS:
+        if name.startswith(kind):
+            return "attn." + name[len(kind):]
+    return name
 
 
 def _fail(field_name: str, value: Any, valid: str) -> None:
@@ -109,6 +126,15 @@ class Arch:
 
     Only `depth` and `placement` are required.  `final_norm=None` takes the placement's own
     default (a final norm for pre-norm-style placements, none for Post-LN).
+
+    ``decoder_depth > 0`` makes an encoder-decoder model (Vaswani et al. 2017): `depth` encoder
+    blocks (self-attention with `mask`, which must be bidirectional) over the source tokens,
+    then `decoder_depth` decoder blocks (causal self-attention, cross-attention to the encoder
+    output, FFN) over the target-side input tokens, the loss on the decoder's outputs.  Source,
+    decoder-input and target tokens are iid draws of `seq_len` tokens each; the two stacks
+    have their own token (and learned position) embeddings, the head is tied to the decoder's
+    with ``tied_head`` (fairseq's ``--share-decoder-input-output-embed``), and each stack ends
+    with its own final norm when the placement has one.
     """
 
     depth: int
@@ -134,6 +160,7 @@ class Arch:
     zipf_exponent: float = 1.0
     init: Init = field(default_factory=Init)
     placement_options: tuple[tuple[str, float], ...] = ()
+    decoder_depth: int = 0
 
     def __post_init__(self) -> None:
         from normfield.placements import check_placement
@@ -166,9 +193,28 @@ class Arch:
                 _fail(flag, getattr(self, flag), "True or False")
         if self.final_norm not in (None, True, False):
             _fail("final_norm", self.final_norm, "None, True or False")
+        check_int("decoder_depth", self.decoder_depth, 0)
+        if self.decoder_depth:
+            self._check_encoder_decoder()
         if not isinstance(self.init, Init):
             _fail("init", self.init, "a normfield.Init")
         self.init.validate()
+
+    def _check_encoder_decoder(self) -> None:
+        from normfield.placements import PLACEMENTS
+
+        valid = [n for n, spec in PLACEMENTS.items() if spec.encoder_decoder]
+        if self.placement not in valid:
+            _fail("placement", self.placement, "a placement that defines encoder-decoder blocks "
+                  f"when decoder_depth={self.decoder_depth}: one of "
+                  + ", ".join(repr(v) for v in valid))
+        if self.mask != "bidirectional":
+            _fail("mask", self.mask, "'bidirectional' for an encoder-decoder (decoder_depth="
+                  f"{self.decoder_depth}): it is the encoder's mask; the decoder's "
+                  "self-attention is always causal")
+        if self.positions == "rope":
+            _fail("positions", self.positions, "'sinusoidal', 'learned' or 'none' for an "
+                  "encoder-decoder (RoPE is not defined for cross-attention)")
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -191,16 +237,24 @@ class Arch:
         """Width of a named activation space: ``"d"`` (model) or ``"ff"`` (FFN hidden)."""
         return {"d": self.d_model, "ff": self.d_ff}[key]
 
-    def shape(self, group: str) -> tuple[int, int]:
-        """(fan_in, fan_out) of a weight group, in the orientation ``y = x @ W``."""
+    def shape(self, name: str) -> tuple[int, int]:
+        """(fan_in, fan_out) of a weight (group or name, see `group_of`), in the orientation
+        ``y = x @ W``."""
+        group = group_of(name)
         d, f, v = self.d_model, self.d_ff, self.vocab_size
         return {"embed.tok": (v, d), "embed.pos": (self.seq_len, d), "attn.q": (d, d),
                 "attn.k": (d, d), "attn.v": (d, d), "attn.o": (d, d), "ffn.w1": (d, f),
                 "ffn.w3": (d, f), "ffn.w2": (f, d), "head.out": (d, v)}[group]
 
-    def param_init(self, group: str) -> ParamInit:
-        """The zero-mean distribution of a weight group (see `Init`)."""
+    def param_init(self, name: str, stack=None) -> ParamInit:
+        """The zero-mean distribution of a weight (group or name, see `group_of`) in `stack`
+        (a `placements.Stack`; default the first), see `Init`.  The stack's depth enters GPT-2's
+        residual scaling and the placement's init rule (DeepNet's beta)."""
+        from normfield.placements import placement_spec, stacks
+
+        group = group_of(name)
         check_choice("parameter group", group, WEIGHT_GROUPS)
+        stack = stack or stacks(self)[0]
         ini = self.init
         fan_in, fan_out = self.shape(group)
         embedding = group in ("embed.tok", "embed.pos")
@@ -210,7 +264,7 @@ class Arch:
         elif ini.scheme == "normal":
             std = ini.std
             if ini.residual_scaling and group in RESIDUAL_GROUPS:
-                std /= math.sqrt(2.0 * self.depth)
+                std /= math.sqrt(2.0 * stack.depth)
         else:  # torch defaults
             if embedding:
                 std = 1.0
@@ -218,17 +272,16 @@ class Arch:
                 std, dist = math.sqrt(2.0 / (self.d_model + 3 * self.d_model)), "uniform"
             else:
                 std, dist = math.sqrt(1.0 / (3.0 * fan_in)), "uniform"
-        from normfield.placements import placement_spec
-
         rule = placement_spec(self.placement).init_gains
-        std *= (rule(self) if rule else {}).get(group, 1.0)
+        std *= (rule(self, stack) if rule else {}).get(group, 1.0)
         std *= dict(ini.gains).get(group, 1.0)
         std = dict(ini.stds).get(group, std)
         return ParamInit(std=float(std), dist=dist)
 
-    def bias_init(self, group: str) -> ParamInit:
-        """Bias of a linear group: zero except for the torch scheme's FFN and out-projection
+    def bias_init(self, name: str) -> ParamInit:
+        """Bias of a linear weight (group or name): zero except for the torch scheme's FFN
         biases (uniform on +-1/sqrt(fan_in), i.e. std 1/sqrt(3 fan_in))."""
+        group = group_of(name)
         if self.init.scheme == "torch" and group in ("ffn.w1", "ffn.w2", "ffn.w3"):
             return ParamInit(std=math.sqrt(1.0 / (3.0 * self.shape(group)[0])), dist="uniform")
         return ParamInit(std=0.0)

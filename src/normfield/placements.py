@@ -7,8 +7,16 @@ is one constructor plus its registry entry.
 
 Primitives: `Norm` (LayerNorm or RMSNorm with a gain, per `Arch.norm`), `Linear`, `Activation`,
 `Product` (gated FFNs), `SelfAttention` (q, k, v projections and softmax mixing, per head,
-concatenated; the output projection is a separate `Linear` named ``attn.o``), `Scale` and `Add`
-(scaled residual sum ``alpha*a + beta*b``).
+concatenated; the output projection is a separate `Linear` named ``attn.o``), `CrossAttention`
+(queries from the decoder stream, keys and values from the encoder output, the register
+``"mem"``), `Scale` and `Add` (scaled residual sum ``alpha*a + beta*b``).
+
+A placement wraps each *sublayer* of a block (``attn`` and ``ffn`` in an encoder or decoder-only
+block; ``self_attn``, ``cross_attn`` and ``ffn`` in an encoder-decoder's decoder block) with its
+norms and residual adds; its norms are named ``norm1, norm2, ...`` in sublayer order.  A `Stack`
+says which sublayers a block has: one stack for encoder-only and decoder-only models, an
+encoder and a decoder stack (parameter prefixes ``enc.`` and ``dec.``) for encoder-decoder
+models (``Arch.decoder_depth > 0``).
 """
 
 from __future__ import annotations
@@ -63,10 +71,26 @@ class Product:
 class SelfAttention:
     """Multi-head softmax attention without its output projection:
     ``dst = concat_h softmax(q_h k_h^T / sqrt(d_head) + mask) v_h`` with ``q = src @ W_q`` etc.
-    (Vaswani et al. 2017, eq. 1); parameters ``attn.q attn.k attn.v``."""
+    (Vaswani et al. 2017, eq. 1); parameters ``{prefix}.q {prefix}.k {prefix}.v``; `mask`
+    ``None`` takes ``Arch.mask``."""
 
     src: str
     dst: str
+    prefix: str = "attn"
+    mask: str | None = None
+
+
+@dataclass(frozen=True)
+class CrossAttention:
+    """Encoder-decoder attention (Vaswani et al. 2017, section 3.2.3): queries ``src @ W_q``
+    from the decoder stream, keys and values ``mem @ W_k``, ``mem @ W_v`` from the encoder
+    output (every decoder position sees every source position); parameters
+    ``{prefix}.q {prefix}.k {prefix}.v``."""
+
+    src: str
+    dst: str
+    prefix: str = "cross_attn"
+    memory: str = "mem"
 
 
 @dataclass(frozen=True)
@@ -89,7 +113,7 @@ class Add:
     beta: float = 1.0
 
 
-Step = Norm | Linear | Activation | Product | SelfAttention | Scale | Add
+Step = Norm | Linear | Activation | Product | SelfAttention | CrossAttention | Scale | Add
 CONSTANT_FIELDS = {Scale: ("factor",), Add: ("alpha", "beta")}
 
 
@@ -127,15 +151,45 @@ def step_params(step) -> tuple[str, ...]:
         return (f"{step.name}.scale",)
     if isinstance(step, Linear):
         return (step.name,)
-    if isinstance(step, SelfAttention):
-        return ("attn.q", "attn.k", "attn.v")
+    if isinstance(step, (SelfAttention, CrossAttention)):
+        return tuple(f"{step.prefix}.{p}" for p in "qkv")
     return ()
 
 
-# ---- sublayer builders (shared by every placement) ---------------------------------------------
-def attention(src: str, dst: str) -> tuple:
-    """Self-attention sublayer: heads, then the output projection ``attn.o``."""
-    return (SelfAttention(src, f"{dst}.heads"), Linear("attn.o", f"{dst}.heads", dst))
+# ---- stacks and sublayers (shared by every placement) -------------------------------------------
+@dataclass(frozen=True)
+class Stack:
+    """One stack of blocks: parameter-name `prefix` (``""``, ``"enc."`` or ``"dec."``), its
+    `depth`, its `role` (``"single"``: the only stack; ``"encoder"`` / ``"decoder"`` of an
+    encoder-decoder model) and the kinds of its blocks' sublayers."""
+
+    prefix: str
+    depth: int
+    role: str
+
+    @property
+    def sublayers(self) -> tuple[str, ...]:
+        return ("self_attn", "cross_attn", "ffn") if self.role == "decoder" else ("attn", "ffn")
+
+
+def stacks(arch) -> tuple[Stack, ...]:
+    """The stacks of `arch`, input side first."""
+    if arch.decoder_depth:
+        return (Stack("enc.", arch.depth, "encoder"), Stack("dec.", arch.decoder_depth, "decoder"))
+    return (Stack("", arch.depth, "single"),)
+
+
+def sublayer(arch, kind: str, src: str, dst: str, inner_norm: str | None = None) -> tuple:
+    """The steps of one sublayer: ``attn`` (self-attention with the Arch's mask), ``self_attn``
+    (a decoder's causal self-attention), ``cross_attn`` or ``ffn``; each attention ends with its
+    output projection ``{kind}.o``."""
+    if kind == "ffn":
+        return ffn(arch, src, dst, inner_norm)
+    if kind == "cross_attn":
+        heads = CrossAttention(src, f"{dst}.heads", kind)
+    else:
+        heads = SelfAttention(src, f"{dst}.heads", kind, "causal" if kind == "self_attn" else None)
+    return (heads, Linear(f"{kind}.o", f"{dst}.heads", dst))
 
 
 def ffn(arch, src: str, dst: str, inner_norm: str | None = None) -> tuple:
@@ -155,73 +209,99 @@ def ffn(arch, src: str, dst: str, inner_norm: str | None = None) -> tuple:
 
 
 # ---- placements --------------------------------------------------------------------------------
-def post_ln(arch, layer: int) -> tuple:
-    """Post-LN (Vaswani et al. 2017): ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``."""
-    return (*attention("x", "a"), Add("x", "a", "r1"), Norm("norm1", "r1", "h1"),
-            *ffn(arch, "h1", "f"), Add("h1", "f", "r2"), Norm("norm2", "r2", "out"))
+def post_ln(arch, layer: int, stack: Stack, alpha: float = 1.0) -> tuple:
+    """Post-LN (Vaswani et al. 2017): ``x = LN(alpha x + F(x))`` for each sublayer F in turn
+    (alpha = 1; DeepNorm's alpha otherwise)."""
+    steps, x = [], "x"
+    for i, kind in enumerate(stack.sublayers, 1):
+        steps += [*sublayer(arch, kind, x, f"b{i}"), Add(x, f"b{i}", f"r{i}", alpha, 1.0),
+                  Norm(f"norm{i}", f"r{i}", f"h{i}")]
+        x = f"h{i}"
+    return tuple(steps)
 
 
-def pre_ln(arch, layer: int, branch_scale: float = 1.0, norm_scale: float = 1.0) -> tuple:
-    """Pre-LN (Xiong et al. 2020, arXiv 2002.04745): ``x = x + Attn(LN(x)); x = x + FFN(LN(x))``.
+def pre_ln(arch, layer: int, stack: Stack, branch_scale: float = 1.0,
+           norm_scale: float = 1.0) -> tuple:
+    """Pre-LN (Xiong et al. 2020, arXiv 2002.04745): ``x = x + F(LN(x))`` for each sublayer.
 
     `branch_scale` multiplies each branch (residual scaling); `norm_scale` multiplies each
     norm's output (LayerNorm Scaling)."""
-    return (Norm("norm1", "x", "n1"), Scale("n1", "h1", norm_scale), *attention("h1", "a"),
-            Add("x", "a", "r1", 1.0, branch_scale),
-            Norm("norm2", "r1", "n2"), Scale("n2", "h2", norm_scale), *ffn(arch, "h2", "f"),
-            Add("r1", "f", "out", 1.0, branch_scale))
+    steps, x = [], "x"
+    for i, kind in enumerate(stack.sublayers, 1):
+        steps += [Norm(f"norm{i}", x, f"n{i}"), Scale(f"n{i}", f"s{i}", norm_scale),
+                  *sublayer(arch, kind, f"s{i}", f"b{i}"),
+                  Add(x, f"b{i}", f"r{i}", 1.0, branch_scale)]
+        x = f"r{i}"
+    return tuple(steps)
 
 
-def peri_ln(arch, layer: int) -> tuple:
+def peri_ln(arch, layer: int, stack: Stack) -> tuple:
     """Peri-LN (Kim et al. 2025, arXiv 2502.02732) = Sandwich-LN (Ding et al. 2021, CogView):
-    ``x = x + Norm(F(Norm(x)))`` for both sublayers."""
-    return (Norm("norm1", "x", "h1"), *attention("h1", "a"), Norm("norm1_out", "a", "an"),
-            Add("x", "an", "r1"), Norm("norm2", "r1", "h2"), *ffn(arch, "h2", "f"),
-            Norm("norm2_out", "f", "fn"), Add("r1", "fn", "out"))
+    ``x = x + Norm(F(Norm(x)))`` for each sublayer (output norms ``norm{i}_out``)."""
+    steps, x = [], "x"
+    for i, kind in enumerate(stack.sublayers, 1):
+        steps += [Norm(f"norm{i}", x, f"n{i}"), *sublayer(arch, kind, f"n{i}", f"b{i}"),
+                  Norm(f"norm{i}_out", f"b{i}", f"o{i}"), Add(x, f"o{i}", f"r{i}")]
+        x = f"r{i}"
+    return tuple(steps)
 
 
-def normformer(arch, layer: int) -> tuple:
+def normformer(arch, layer: int, stack: Stack) -> tuple:
     """NormFormer (Shleifer et al. 2021, arXiv 2110.09456): Pre-LN plus a norm after attention
     (``attn_norm``) and a norm after the FFN activation (``ffn_norm``).  The head-wise scales
     are 1 at initialization and are not modelled as parameters."""
-    return (Norm("norm1", "x", "h1"), *attention("h1", "a"), Norm("attn_norm", "a", "an"),
-            Add("x", "an", "r1"), Norm("norm2", "r1", "h2"),
-            *ffn(arch, "h2", "f", inner_norm="ffn_norm"), Add("r1", "f", "out"))
+    return (Norm("norm1", "x", "h1"), *sublayer(arch, "attn", "h1", "a"),
+            Norm("attn_norm", "a", "an"), Add("x", "an", "r1"), Norm("norm2", "r1", "h2"),
+            *sublayer(arch, "ffn", "h2", "f", inner_norm="ffn_norm"), Add("r1", "f", "out"))
 
 
-def deepnorm(arch, layer: int) -> tuple:
-    """DeepNorm (Wang et al. 2022, arXiv 2203.00555): ``x = LN(alpha x + F(x))``; the default
-    alpha = (2N)^(1/4) is the encoder-only rule (N = depth); beta-scaled init in `init_gains`."""
-    alpha = arch.option("alpha", (2.0 * arch.depth) ** 0.25)
-    return (*attention("x", "a"), Add("x", "a", "r1", alpha, 1.0), Norm("norm1", "r1", "h1"),
-            *ffn(arch, "h1", "f"), Add("h1", "f", "r2", alpha, 1.0), Norm("norm2", "r2", "out"))
+def deepnorm_constants(arch, stack: Stack) -> tuple[float, float]:
+    """DeepNet's (alpha, beta) (Wang et al. 2022, arXiv 2203.00555, Table 1): N encoder and M
+    decoder layers; encoder-only (2N)^(1/4), (8N)^(-1/4); decoder-only (2M)^(1/4), (8M)^(-1/4);
+    encoder-decoder: encoder 0.81 (N^4 M)^(1/16), 0.87 (N^4 M)^(-1/16), decoder (3M)^(1/4),
+    (12M)^(-1/4).  Options ``alpha`` and ``beta`` replace them in every stack."""
+    n, m = arch.depth, arch.decoder_depth
+    if stack.role == "encoder":
+        alpha, beta = 0.81 * (n ** 4 * m) ** (1 / 16), 0.87 * (n ** 4 * m) ** (-1 / 16)
+    elif stack.role == "decoder":
+        alpha, beta = (3.0 * m) ** 0.25, (12.0 * m) ** -0.25
+    else:
+        alpha, beta = (2.0 * n) ** 0.25, (8.0 * n) ** -0.25
+    return arch.option("alpha", alpha), arch.option("beta", beta)
 
 
-def deepnorm_gains(arch) -> dict[str, float]:
-    """DeepNet's Xavier gain beta = (8N)^(-1/4) on the FFN, value and output projections
-    (encoder-only rule; Wang et al. 2022, Table / Algorithm 1)."""
-    beta = arch.option("beta", (8.0 * arch.depth) ** -0.25)
+def deepnorm(arch, layer: int, stack: Stack) -> tuple:
+    """DeepNorm (Wang et al. 2022, arXiv 2203.00555): ``x = LN(alpha x + F(x))`` with the
+    alpha of `deepnorm_constants`; beta-scaled init in `deepnorm_gains`."""
+    return post_ln(arch, layer, stack, alpha=deepnorm_constants(arch, stack)[0])
+
+
+def deepnorm_gains(arch, stack: Stack) -> dict[str, float]:
+    """DeepNet's Xavier gain beta on the FFN, value and output projections (Algorithm 1; the
+    query and key projections keep gain 1)."""
+    beta = deepnorm_constants(arch, stack)[1]
     return {g: beta for g in ("ffn.w1", "ffn.w2", "ffn.w3", "attn.v", "attn.o")}
 
 
-def mix_ln(arch, layer: int) -> tuple:
+def mix_ln(arch, layer: int, stack: Stack) -> tuple:
     """Mix-LN (Li et al. 2024, arXiv 2412.13795): the first floor(fraction * depth) layers
     Post-LN, the rest Pre-LN (fraction 0.25 by default)."""
-    n_post = math.floor(arch.option("post_fraction", 0.25) * arch.depth)
-    return post_ln(arch, layer) if layer < n_post else pre_ln(arch, layer)
+    n_post = math.floor(arch.option("post_fraction", 0.25) * stack.depth)
+    return (post_ln if layer < n_post else pre_ln)(arch, layer, stack)
 
 
-def layernorm_scaling(arch, layer: int) -> tuple:
+def layernorm_scaling(arch, layer: int, stack: Stack) -> tuple:
     """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth", arXiv 2502.05795):
     ``x = x + F(LN(x) / sqrt(l))`` with l = layer index + 1."""
-    return pre_ln(arch, layer, norm_scale=1.0 / math.sqrt(layer + 1))
+    return pre_ln(arch, layer, stack, norm_scale=1.0 / math.sqrt(layer + 1))
 
 
-def scaled_pre_ln(arch, layer: int) -> tuple:
+def scaled_pre_ln(arch, layer: int, stack: Stack) -> tuple:
     """Pre-LN with each residual branch multiplied by a constant (default 1/sqrt(2 * depth),
     the scaling of GPT-2's residual projections applied to the branch; ReZero-style alpha
     (Bachlechner et al. 2021) with option ``branch_scale``)."""
-    return pre_ln(arch, layer, branch_scale=arch.option("branch_scale", 1.0 / math.sqrt(2.0 * arch.depth)))
+    scale = arch.option("branch_scale", 1.0 / math.sqrt(2.0 * stack.depth))
+    return pre_ln(arch, layer, stack, branch_scale=scale)
 
 
 @dataclass(frozen=True)
@@ -231,13 +311,15 @@ class PlacementSpec:
     final_norm: bool
     options: tuple[str, ...] = ()
     init_gains: Callable | None = None
+    encoder_decoder: bool = True  # defines the blocks of an encoder-decoder's two stacks
 
 
 PLACEMENTS = {
     "post": PlacementSpec("post", post_ln, final_norm=False),
     "pre": PlacementSpec("pre", pre_ln, final_norm=True),
     "peri": PlacementSpec("peri", peri_ln, final_norm=True),
-    "normformer": PlacementSpec("normformer", normformer, final_norm=True),
+    "normformer": PlacementSpec("normformer", normformer, final_norm=True,
+                                encoder_decoder=False),
     "deepnorm": PlacementSpec("deepnorm", deepnorm, final_norm=False, options=("alpha", "beta"),
                               init_gains=deepnorm_gains),
     "mixln": PlacementSpec("mixln", mix_ln, final_norm=True, options=("post_fraction",)),
@@ -265,16 +347,18 @@ def check_placement(name: str, options) -> None:
             raise ValueError(f"invalid placement option {key}={value!r}: expected a finite number >= 0")
 
 
-def block(arch, layer: int) -> tuple:
-    """The primitive steps of block `layer` (0 = nearest the input) of `arch`."""
-    return placement_spec(arch.placement).block(arch, layer)
+def block(arch, layer: int, stack: Stack | None = None) -> tuple:
+    """The primitive steps of block `layer` (0 = nearest the input) of `stack` (default: the
+    first stack of `arch`)."""
+    return placement_spec(arch.placement).block(arch, layer, stack or stacks(arch)[0])
 
 
-def layer_param_shapes(arch) -> dict[str, tuple[int, ...]]:
-    """Parameter names of one block in recipe order, with their shapes (every block of a stack
-    has the same set; biases only when ``arch.bias``)."""
+def layer_param_shapes(arch, stack: Stack | None = None) -> dict[str, tuple[int, ...]]:
+    """Parameter names of one block of `stack` (default: the first) in recipe order, without
+    the stack prefix, with their shapes (every block of a stack has the same set; biases only
+    when ``arch.bias``)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for step in block(arch, 0):
+    for step in block(arch, 0, stack):
         if isinstance(step, Norm):
             shapes[f"{step.name}.scale"] = (arch.width(step.width),)
         for name in step_params(step):
@@ -287,5 +371,5 @@ def layer_param_shapes(arch) -> dict[str, tuple[int, ...]]:
 
 
 def layer_params(arch) -> tuple[str, ...]:
-    """Parameter names of one block, in recipe order."""
-    return tuple(layer_param_shapes(arch))
+    """Per-layer parameter names of every stack, with their stack prefixes, in recipe order."""
+    return tuple(st.prefix + n for st in stacks(arch) for n in layer_param_shapes(arch, st))

@@ -9,8 +9,8 @@ the `Arch`'s ``ValueError``.
 The presets reproduce what the reference code does at initialization: where each norm sits,
 activation, positional encoding, tied embeddings, biases and the std of every parameter group
 (see each docstring for the exact values, and ``/work/shared/REFERENCES.md``).  Parts of a real
-model that the probe does not model (encoder-decoder stacks, BERT's embedding LayerNorm and MLM
-transform, dropout) are named in the docstrings.
+model that normfield does not model (BERT's embedding LayerNorm and MLM transform, dropout,
+...) are named in the docstrings.
 
 ``seq_len`` defaults to 128 for every preset (not the models' context lengths, 512-2048), and
 ``batch_size`` to 4: the real values are accepted but make probing heavy.  Weight groups not
@@ -51,25 +51,28 @@ def llama_ffn_width(d_model: int, multiple_of: int = 256) -> int:
 
 def vaswani2017(depth: int = 6, d_model: int = 512, n_heads: int = 8, seq_len: int = SEQ_LEN,
                 batch_size: int = BATCH_SIZE, vocab_size: int = 37000, d_ff: int | None = None,
-                **overrides) -> Arch:
-    """The original Transformer encoder (Vaswani et al. 2017, arXiv 1706.03762), base model.
+                decoder_depth: int | None = None, **overrides) -> Arch:
+    """The original Transformer (Vaswani et al. 2017, arXiv 1706.03762), base model: an
+    encoder-decoder with `depth` encoder and `decoder_depth` (default: `depth`) decoder layers.
 
     Post-LN (``LN(x + Sublayer(x))``, no final norm), d 512, 8 heads, d_ff 2048 (``4 d`` when
-    d_model is changed), ReLU, sinusoidal positions, bidirectional, 6 layers, shared
-    37000-token BPE vocabulary, biases.  The paper shares the token embedding with the
-    pre-softmax projection (tied head) and multiplies the embeddings by ``sqrt(d_model)``.
+    d_model is changed), ReLU, sinusoidal positions, 6 + 6 layers, shared 37000-token BPE
+    vocabulary, biases.  The decoder's input embedding is tied to the pre-softmax projection
+    and the embeddings are multiplied by ``sqrt(d_model)``.
 
     The paper gives no initialization; this follows tensor2tensor / Xiong et al. 2020:
 
-    * token embedding ``N(0, d^-1/2)`` (times ``embed_scale = sqrt(d)``: unit variance);
+    * token embeddings ``N(0, d^-1/2)`` (times ``embed_scale = sqrt(d)``: unit variance);
     * every weight matrix Xavier-normal, ``std = sqrt(2 / (fan_in + fan_out))``
       (q, k, v, o: ``1/sqrt(d)``; w1, w2: ``sqrt(2 / (d + d_ff))``);
     * all biases 0.
 
-    Only the encoder stack is modelled (no decoder, no cross-attention).
+    Not modelled: the paper also shares the *encoder's* embedding with the decoder's (one
+    matrix for source and target); here the encoder has its own ``enc.embed.tok``.
     """
     return _build(dict(
-        depth=depth, placement="post", d_model=d_model, n_heads=n_heads,
+        depth=depth, decoder_depth=depth if decoder_depth is None else decoder_depth,
+        placement="post", d_model=d_model, n_heads=n_heads,
         d_ff=4 * d_model if d_ff is None else d_ff, seq_len=seq_len, batch_size=batch_size,
         vocab_size=vocab_size, activation="relu", mask="bidirectional", positions="sinusoidal",
         embed_scale=math.sqrt(d_model), tied_head=True, bias=True,
@@ -77,22 +80,30 @@ def vaswani2017(depth: int = 6, d_model: int = 512, n_heads: int = 8, seq_len: i
 
 
 def fairseq_iwslt(depth: int = 6, d_model: int = 512, n_heads: int = 4, seq_len: int = SEQ_LEN,
-                  batch_size: int = BATCH_SIZE, vocab_size: int = 8848, d_ff: int | None = None,
-                  placement: str = "post", **overrides) -> Arch:
-    """fairseq ``transformer_iwslt_de_en`` encoder: the IWSLT14 De-En model of Xiong et al.
-    2020 (arXiv 2002.04745, "On Layer Normalization in the Transformer Architecture").
+                  batch_size: int = BATCH_SIZE, vocab_size: int = 6632, d_ff: int | None = None,
+                  placement: str = "post", decoder_depth: int | None = None,
+                  **overrides) -> Arch:
+    """fairseq ``transformer_iwslt_de_en``: the IWSLT14 De-En model of Xiong et al. 2020
+    (arXiv 2002.04745, "On Layer Normalization in the Transformer Architecture"), an
+    encoder-decoder with `depth` encoder and `decoder_depth` (default: `depth`) decoder layers.
 
-    d 512, 4 heads, d_ff 1024 (``2 d`` when d_model is changed), ReLU, 6 layers, sinusoidal
-    positions, bidirectional, biases, German BPE dictionary of 8848 types (fairseq's
-    ``prepare-iwslt14.sh``).  ``placement="post"`` by default; ``placement="pre"`` is fairseq's
-    ``--encoder-normalize-before``, which also adds the final encoder LayerNorm (LN eps 1e-5).
+    d 512, 4 heads, d_ff 1024 (``2 d`` when d_model is changed) in both stacks, ReLU, 6 + 6
+    layers, sinusoidal positions, biases, the decoder's input embedding shared with its output
+    projection (``--share-decoder-input-output-embed``).  ``vocab_size`` is the English target
+    dictionary of fairseq's ``prepare-iwslt14.sh`` (6632 types; the German source dictionary has
+    8848, and normfield uses one vocabulary size for both: the source side's only enters through
+    the token-collision probability 1/V).  ``placement="post"`` by default; ``placement="pre"``
+    is ``--encoder-normalize-before --decoder-normalize-before``, which also adds each stack's
+    final LayerNorm (LN eps 1e-5).
 
-    Initialization (fairseq ``TransformerEncoder`` / ``MultiheadAttention`` /
-    ``transformer_layer.Linear`` of the 2019-2020 releases Xiong et al. used):
+    Initialization (fairseq ``TransformerEncoder``/``TransformerDecoder``,
+    ``MultiheadAttention`` and ``transformer_layer.Linear`` of the 2019-2020 releases Xiong et
+    al. used):
 
-    * token embedding ``N(0, d^-1/2)`` times ``embed_scale = sqrt(d)`` (unit variance);
-    * q, k, v: ``xavier_uniform_(gain=1/sqrt(2))``, variance ``1/(2d)`` (std ``1/sqrt(2d)``);
-    * out projection, fc1, fc2: ``xavier_uniform_``, variance ``2/(fan_in + fan_out)``
+    * token embeddings ``N(0, d^-1/2)`` times ``embed_scale = sqrt(d)`` (unit variance);
+    * q, k, v of self- and encoder-decoder attention (same dimensions, ``qkv_same_dim``):
+      ``xavier_uniform_(gain=1/sqrt(2))``, variance ``1/(2d)`` (std ``1/sqrt(2d)``);
+    * out projections, fc1, fc2: ``xavier_uniform_``, variance ``2/(fan_in + fan_out)``
       (o: ``1/d``; fc1, fc2: ``2/(d + d_ff)``);
     * biases 0 (out projection, fc1, fc2 are zeroed by fairseq).
 
@@ -100,15 +111,15 @@ def fairseq_iwslt(depth: int = 6, d_model: int = 512, n_heads: int = 4, seq_len:
     (scheme ``"xavier_normal"``, with gains ``1/sqrt(2)`` on q, k, v).  Not modelled: fairseq
     leaves the q/k/v biases at ``nn.Linear``'s default, uniform on ``+-1/sqrt(d)`` (here 0);
     newer fairseq (>= 0.10) builds fc1/fc2 as plain ``nn.Linear`` (PyTorch default init, see
-    `torch_encoder_layer`).  Only the encoder is modelled: the encoder-decoder stack (and its
-    tied decoder output projection) is not modelled yet.
+    `torch_encoder_layer`).
     """
     qkv_gain = 2 ** -0.5
     return _build(dict(
-        depth=depth, placement=placement, d_model=d_model, n_heads=n_heads,
+        depth=depth, decoder_depth=depth if decoder_depth is None else decoder_depth,
+        placement=placement, d_model=d_model, n_heads=n_heads,
         d_ff=2 * d_model if d_ff is None else d_ff, seq_len=seq_len, batch_size=batch_size,
         vocab_size=vocab_size, activation="relu", mask="bidirectional", positions="sinusoidal",
-        embed_scale=math.sqrt(d_model), tied_head=False, bias=True,
+        embed_scale=math.sqrt(d_model), tied_head=True, bias=True,
         init=Init(scheme="xavier_normal", embed_std=d_model ** -0.5,
                   gains=(("attn.q", qkv_gain), ("attn.k", qkv_gain), ("attn.v", qkv_gain)))),
         overrides)

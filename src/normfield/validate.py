@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from normfield.arch import Arch
+from normfield.arch import Arch, group_of
 from normfield.probe.measure import measure_grad_norms
 from normfield.profile import GradProfile, atomic_write_text
 from normfield.progress import progress
@@ -59,16 +59,20 @@ COVERAGE_VARIANTS = (
     dict(placement="pre", activation="swiglu"), dict(placement="post", activation="gelu"),
     dict(placement="pre", positions="rope", mask="causal"), dict(placement="pre", qk_norm=True),
     dict(placement="pre", qk_norm=True, qk_temperature=12.0),
-    dict(placement="pre", positions="learned"))
+    dict(placement="pre", positions="learned"),
+    dict(placement="post", decoder_depth=6), dict(placement="pre", decoder_depth=6),
+    dict(placement="deepnorm", decoder_depth=6))
 
 
-COVERAGE_PRESETS = ("gpt2", "llama", "torch_encoder_layer")
+COVERAGE_PRESETS = ("gpt2", "llama", "torch_encoder_layer", "gpt1", "bert", "vaswani2017",
+                    "fairseq_iwslt")
 
 
 def coverage_archs() -> list[Arch]:
     """One configuration per architecture feature (placements, norms, activations, positions,
-    QK-Norm and its temperature) and three presets (their own init schemes, biases, tied heads)
-    at d_model 256, depth 6 (8 for Mix-LN, so that it has a Post-LN part)."""
+    QK-Norm and its temperature, encoder-decoder stacks) and the presets (their own init
+    schemes, biases, tied heads) at d_model 256, depth 6 (8 for Mix-LN, so that it has a
+    Post-LN part; encoder-decoders 6 + 6)."""
     from normfield import presets
 
     sizes = {k: v for k, v in COVERAGE_BASE.items() if k != "d_ff"}
@@ -78,7 +82,8 @@ def coverage_archs() -> list[Arch]:
 
 def variant(arch: Arch) -> str:
     """Short tag of the features that distinguish a configuration beyond the grid axes."""
-    tags = [arch.activation]
+    tags = [f"encdec{arch.decoder_depth}"] if arch.decoder_depth else []
+    tags.append(arch.activation)
     if arch.norm != "layernorm":
         tags.append(arch.norm)
     if arch.positions != "sinusoidal":
@@ -87,6 +92,8 @@ def variant(arch: Arch) -> str:
         tags.append("qknorm" if arch.qk_temperature is None else f"qknorm{arch.qk_temperature:g}")
     if arch.init.scheme != "xavier_normal":
         tags.append(arch.init.scheme)
+    if arch.init.gains:
+        tags.append("gains")
     if arch.tied_head:
         tags.append("tied")
     if arch.bias:
@@ -109,7 +116,8 @@ def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
         for layer, (t, m, se) in enumerate(zip(theory.grads[name], values, measured.stderr[name])):
             rows.append({"config": config_name(a), "placement": a.placement, "mask": a.mask,
                          "activation": a.activation, "variant": variant(a), "depth": a.depth, "d_model": a.d_model,
-                         "seq_len": a.seq_len, "param": name, "layer": layer,
+                         "seq_len": a.seq_len, "param": name, "group": group_of(name),
+                         "layer": layer,
                          "theory": float(t), "measured": float(m),
                          "rel_err": float(t / m - 1.0), "rel_se": float(se / m)})
     return rows
@@ -163,7 +171,7 @@ def summarize(rows: list[dict]) -> str:
     keys = sorted({(r["placement"], r["mask"], r["variant"]) for r in rows})
     for (placement, mask, var), params in itertools.product(keys, SUMMARY_GROUPS):
         sel = [r for r in rows if (r["placement"], r["mask"], r["variant"]) == (placement, mask, var)
-               and r["param"] in params]
+               and r["group"] in params]
         if sel:
             med, p95, worst, se = _stats(sel)
             lines.append(f"{placement:10s} {mask:13s} {var:14s} {' '.join(params):24.24s} "
@@ -187,7 +195,7 @@ def summarize(rows: list[dict]) -> str:
             cells = []
             for d in sorted({r["d_model"] for r in rows}):
                 sel = [r for r in rows if r["placement"] == placement and r["d_model"] == d
-                       and r["param"] in group]
+                       and r["group"] in group]
                 if sel:
                     cells.append(f"d={d}: {100 * _stats(sel)[0]:5.2f}")
             lines.append(f"  {placement:10s} {group[0]:8s}... " + "  ".join(cells))
@@ -204,7 +212,7 @@ def markdown_table(rows: list[dict]) -> str:
              "| q/k worst | median se |", "|" + "---|" * 9]
     for key in sorted({(r["placement"], r["mask"], r["variant"]) for r in rows}):
         groups = [[r for r in rows if (r["placement"], r["mask"], r["variant"]) == key
-                   and r["param"] in params] for params in SUMMARY_GROUPS]
+                   and r["group"] in params] for params in SUMMARY_GROUPS]
         if not groups[0] or not groups[1]:
             continue
         main_stats, qk_stats = _stats(groups[0]), _stats(groups[1])

@@ -83,7 +83,13 @@ class Context:
 
     # ---- cached runs ---------------------------------------------------------------------
     def config_name(self, source: str, arch: Arch) -> str:
-        spec = {"source": source, "arch": arch.to_dict()}
+        """``<source>-<placement>-L<depth>-d<d_model>-<digest>``; the digest hashes the Arch
+        fields that differ from their defaults (so that a new field with a default leaves
+        every cached name unchanged), and for the probe the seed count and key."""
+        default = Arch(depth=arch.depth, placement=arch.placement).to_dict()
+        fields = {k: v for k, v in arch.to_dict().items() if v != default[k]}
+        spec = {"source": source, "arch": {**fields, "depth": arch.depth,
+                                           "placement": arch.placement}}
         if source == "probe":
             spec.update(seeds=self.seeds, key=self.key)
         digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]

@@ -31,7 +31,8 @@ class NonFiniteGradientError(ArithmeticError):
 
 
 def sample_batch(arch, key):
-    """Tokens and targets (batch, seq), iid from `token_probs(arch)`."""
+    """Tokens and targets (batch, seq), iid from `token_probs(arch)`; for an encoder-decoder
+    the tokens are the pair (source, decoder input), also iid."""
     k_tok, k_tgt = jax.random.split(key)
     logits = jnp.log(jnp.asarray(token_probs(arch), jnp.float32))
     shape = (arch.batch_size, arch.seq_len)
@@ -39,14 +40,23 @@ def sample_batch(arch, key):
         draw = lambda k: jax.random.randint(k, shape, 0, arch.vocab_size)
     else:
         draw = lambda k: jax.random.categorical(k, logits, shape=shape)
+    if arch.decoder_depth:
+        k_src, k_tok = jax.random.split(k_tok)
+        return (draw(k_src), draw(k_tok)), draw(k_tgt)
     return draw(k_tok), draw(k_tgt)
 
 
 def _squared_norms(grads) -> dict:
-    out = {n: jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for n, g in grads["layers"].items()}
-    for name, g in grads.items():
-        if name != "layers":
-            out[name] = jnp.sum(g * g)[None]
+    """Per-layer squared norms of each stack's stacked parameters (names with the stack
+    prefix), and the squared norms of the global parameters (length-1 arrays)."""
+    out = {}
+    for key, g in grads.items():
+        if key.endswith("layers"):
+            prefix = key[: -len("layers")]
+            out.update({prefix + n: jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1)
+                        for n, v in g.items()})
+        else:
+            out[key] = jnp.sum(g * g)[None]
     return out
 
 
@@ -106,7 +116,8 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
     sq_parts, stat_parts = [p[0] for p in parts], [p[1] for p in parts]
     elapsed = time.perf_counter() - start
     per_seed = {n: np.concatenate([p[n] for p in sq_parts]).astype(np.float64) for n in sq_parts[0]}
-    stats = np.concatenate(stat_parts).astype(np.float64)  # (seeds, depth + 1, 3)
+    stats = {prefix: np.concatenate([p[prefix] for p in stat_parts]).astype(np.float64)
+             for prefix in stat_parts[0]}  # stack prefix -> (seeds, depth + 1, 3)
     for name, values in per_seed.items():
         bad = np.argwhere(~np.isfinite(values))
         if bad.size:
@@ -120,11 +131,15 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
         se_mean = sq.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.full_like(mean, np.nan)
         grads[name] = np.sqrt(mean)
         stderr[name] = se_mean / (2.0 * np.sqrt(np.maximum(mean, 1e-300)))  # delta method
-    acts = {k: stats[:, :, i].mean(axis=0) for i, k in enumerate(ACTIVATION_KEYS)}
-    acts_se = {k: (stats[:, :, i].std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1
-                   else np.full(arch.depth + 1, np.nan)) for i, k in enumerate(ACTIVATION_KEYS)}
-    if arch.batch_size == 1:
-        acts["cos_across"] = np.full(arch.depth + 1, np.nan)
+    acts, acts_se = {}, {}
+    for prefix, st in stats.items():
+        for i, k in enumerate(ACTIVATION_KEYS):
+            values = st[:, :, i]
+            acts[prefix + k] = values.mean(axis=0)
+            acts_se[prefix + k] = (values.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1
+                                   else np.full(values.shape[1], np.nan))
+        if arch.batch_size == 1:
+            acts[prefix + "cos_across"] = np.full(st.shape[1], np.nan)
     meta = {"seeds": seeds, "key": key, "precision": precision, "remat": remat,
             "jax_version": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),

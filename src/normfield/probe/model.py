@@ -1,8 +1,10 @@
 """The JAX interpreter of an `Arch`: parameters stacked over layers, one `lax.scan` per run of
 structurally identical blocks, mean cross-entropy loss.
 
-Layout: ``params = {"layers": {name: array (depth, ...)}, "embed.tok": (V, d), ...}``; weights in
-the ``y = x @ W`` orientation.  Activations are ``(batch, seq, width)``.
+Layout: ``params = {"layers": {name: array (depth, ...)}, "embed.tok": (V, d), ...}``; an
+encoder-decoder has ``"enc.layers"`` and ``"dec.layers"`` and prefixed global names
+(``"enc.embed.tok"``, ...).  Weights in the ``y = x @ W`` orientation.  Activations are
+``(batch, seq, width)``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import numpy as np
 
 from normfield.arch import GATED_ACTIVATIONS
 from normfield.data import rope_angles, sinusoidal_positions
-from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale, SelfAttention,
-                                  block, fill_constants, layer_param_shapes,
-                                  split_constants)
+from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm, Product, Scale,
+                                  SelfAttention, block, fill_constants, layer_param_shapes,
+                                  split_constants, stacks)
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
 _ACT = {
@@ -46,37 +48,47 @@ def _group(name: str) -> str:
     return name[: -len(".bias")] if name.endswith(".bias") else name
 
 
-def _init_one(arch, name: str, shape, key):
+def _init_one(arch, name: str, shape, key, stack=None):
     if name.endswith(".scale"):
         return jnp.ones(shape, jnp.float32)
-    init = arch.bias_init(_group(name)) if name.endswith(".bias") else arch.param_init(name)
+    init = (arch.bias_init(_group(name)) if name.endswith(".bias")
+            else arch.param_init(name, stack))
     return _sample(key, shape, init)
 
 
 def global_params(arch) -> tuple[str, ...]:
-    """Names of the non-layer parameters of `arch`."""
-    names = ["embed.tok"]
-    if arch.positions == "learned":
-        names.append("embed.pos")
-    if arch.has_final_norm:
-        names.append("final_norm.scale")
+    """Names of the non-layer parameters of `arch` (per stack: token and learned position
+    embeddings, final norm; then the untied head)."""
+    names = []
+    for st in stacks(arch):
+        names.append(st.prefix + "embed.tok")
+        if arch.positions == "learned":
+            names.append(st.prefix + "embed.pos")
+        if arch.has_final_norm:
+            names.append(st.prefix + "final_norm.scale")
     if not arch.tied_head:
         names.append("head.out")
     return tuple(names)
 
 
-def init_params(arch, key) -> dict:
-    """Random parameters of `arch` (float32); per-layer parameters stacked on a leading axis."""
-    shapes = layer_param_shapes(arch)
-    layer_key, global_key = jax.random.split(key)
-    keys = jax.random.split(layer_key, arch.depth * len(shapes))
-    keys = keys.reshape(arch.depth, len(shapes), *keys.shape[1:])  # raw or typed keys
+def _stack_layers(arch, stack, key) -> dict:
+    shapes = layer_param_shapes(arch, stack)
+    keys = jax.random.split(key, stack.depth * len(shapes))
+    keys = keys.reshape(stack.depth, len(shapes), *keys.shape[1:])  # raw or typed keys
 
     def one_layer(layer_keys):
-        return {n: _init_one(arch, n, shape, layer_keys[i])
+        return {n: _init_one(arch, n, shape, layer_keys[i], stack)
                 for i, (n, shape) in enumerate(shapes.items())}
 
-    params = {"layers": jax.vmap(one_layer)(keys)}
+    return jax.vmap(one_layer)(keys)
+
+
+def init_params(arch, key) -> dict:
+    """Random parameters of `arch` (float32); per-layer parameters stacked on a leading axis."""
+    layer_key, global_key = jax.random.split(key)
+    sts = stacks(arch)
+    layer_keys = [layer_key] if len(sts) == 1 else jax.random.split(layer_key, len(sts))
+    params = {st.prefix + "layers": _stack_layers(arch, st, k) for st, k in zip(sts, layer_keys)}
     names = global_params(arch)
     gkeys = jax.random.split(global_key, len(names))
     for i, name in enumerate(names):
@@ -134,14 +146,17 @@ def _rotate(u, n):
     return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(u.shape)
 
 
-def _attention(arch, p, x, precision):
+def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None):
     """Multi-head self-attention softmax(QK^T/sqrt(d_head))V, float32 logits and softmax in
     every precision.  (cuDNN's fused attention through `jax.nn.dot_product_attention` was
     tried under the seed `vmap` on an H200 with JAX 0.11.2 and gave gradient norms off by up to
-    11x in bf16; see benchmarks/README.md.)"""
+    11x in bf16; see benchmarks/README.md.)  With `memory`, keys and values come from it
+    (cross-attention, no mask); `mask` None takes ``arch.mask``."""
     b, n, d = x.shape
-    heads = lambda name: _linear(p, name, x, precision).reshape(b, n, arch.n_heads, arch.d_head)
-    q, k, v = heads("attn.q"), heads("attn.k"), heads("attn.v")
+    kv_src = x if memory is None else memory
+    heads = lambda name, src: _linear(p, f"{prefix}.{name}", src, precision).reshape(
+        b, n, arch.n_heads, arch.d_head)
+    q, k, v = heads("q", x), heads("k", kv_src), heads("v", kv_src)
     if arch.qk_norm:  # QK-Norm: RMS-normalize each head's queries and keys (gain 1)
         q, k = (u * jax.lax.rsqrt(jnp.mean(u * u, axis=-1, keepdims=True) + arch.norm_eps)
                 for u in (q, k))
@@ -153,7 +168,7 @@ def _attention(arch, p, x, precision):
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(arch.d_head)
-    if arch.mask == "causal":
+    if memory is None and (mask or arch.mask) == "causal":
         logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
     if precision == "bfloat16":
@@ -162,9 +177,10 @@ def _attention(arch, p, x, precision):
     return out.reshape(b, n, d)
 
 
-def apply_steps(arch, steps, p, x, precision="float32"):
-    """Run one block's primitive steps on ``x`` (batch, seq, d); returns the block output."""
-    env = {"x": x}
+def apply_steps(arch, steps, p, x, precision="float32", memory=None):
+    """Run one block's primitive steps on ``x`` (batch, seq, d) (and an encoder-decoder's
+    encoder output `memory`); returns the block output."""
+    env = {"x": x, "mem": memory}
     phi = activation_fn(arch)
     for s in steps:
         if isinstance(s, Norm):
@@ -176,7 +192,10 @@ def apply_steps(arch, steps, p, x, precision="float32"):
         elif isinstance(s, Product):
             env[s.dst] = env[s.a] * env[s.b]
         elif isinstance(s, SelfAttention):
-            env[s.dst] = _attention(arch, p, env[s.src], precision)
+            env[s.dst] = _attention(arch, p, env[s.src], precision, s.prefix, s.mask)
+        elif isinstance(s, CrossAttention):
+            env[s.dst] = _attention(arch, p, env[s.src], precision, s.prefix,
+                                    memory=env[s.memory])
         elif isinstance(s, Scale):
             env[s.dst] = s.factor * env[s.src]
         elif isinstance(s, Add):
@@ -202,12 +221,13 @@ def stream_stats(x):
 
 
 # ---- the whole network -------------------------------------------------------------------------
-def segments(arch) -> list[tuple[int, int, tuple, np.ndarray]]:
-    """Runs of consecutive layers with the same block template:
+def segments(arch, stack=None) -> list[tuple[int, int, tuple, np.ndarray]]:
+    """Runs of consecutive layers of `stack` (default: the first) with the same block template:
     ``(start, stop, template, constants (stop - start, n_constants))``."""
+    stack = stack or stacks(arch)[0]
     runs: list = []
-    for layer in range(arch.depth):
-        template, consts = split_constants(block(arch, layer))
+    for layer in range(stack.depth):
+        template, consts = split_constants(block(arch, layer, stack))
         if runs and runs[-1][2] == template:
             runs[-1][1] = layer + 1
             runs[-1][3].append(consts)
@@ -216,29 +236,26 @@ def segments(arch) -> list[tuple[int, int, tuple, np.ndarray]]:
     return [(a, b, t, np.asarray(c, np.float32).reshape(b - a, -1)) for a, b, t, c in runs]
 
 
-def embed(arch, params, tokens):
-    x = arch.embed_scale * params["embed.tok"][tokens]
+def embed(arch, params, tokens, prefix=""):
+    x = arch.embed_scale * params[prefix + "embed.tok"][tokens]
     if arch.positions == "sinusoidal":
         x = x + jnp.asarray(sinusoidal_positions(arch.seq_len, arch.d_model), jnp.float32)
     elif arch.positions == "learned":
-        x = x + params["embed.pos"]
+        x = x + params[prefix + "embed.pos"]
     return x
 
 
-def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
-    """Logits (batch, seq, vocab) and stream statistics (depth + 1, 3).
-
-    remat: recompute each block's activations in the backward pass (`jax.checkpoint`), so
-    that only the block inputs are stored: memory O(depth) blocks instead of every
-    intermediate, at the cost of a second forward pass."""
-    x = embed(arch, params, tokens)
+def run_stack(arch, stack, params, tokens, precision="float32", unroll=False, remat=False,
+              memory=None):
+    """Embedding, blocks and final norm of one stack: (output, stream statistics (depth+1, 3))."""
+    x = embed(arch, params, tokens, stack.prefix)
     stats = [stream_stats(x)[None]]
-    for start, stop, template, consts in segments(arch):
-        layer_p = jax.tree_util.tree_map(lambda a: a[start:stop], params["layers"])
+    for start, stop, template, consts in segments(arch, stack):
+        layer_p = jax.tree_util.tree_map(lambda a: a[start:stop], params[stack.prefix + "layers"])
 
         def body(h, xs):
             p, c = xs
-            h = apply_steps(arch, fill_constants(template, c), p, h, precision)
+            h = apply_steps(arch, fill_constants(template, c), p, h, precision, memory)
             return h, stream_stats(h)
 
         if remat:
@@ -251,13 +268,31 @@ def forward(arch, params, tokens, precision="float32", unroll=False, remat=False
             x, s = jax.lax.scan(body, x, (layer_p, jnp.asarray(consts)))
             stats.append(s)
     if arch.has_final_norm:
-        x = _norm(arch, x, params["final_norm.scale"])
-    head = params["embed.tok"].T if arch.tied_head else params["head.out"]
-    return _matmul(x, head, precision), jnp.concatenate(stats, axis=0)
+        x = _norm(arch, x, params[stack.prefix + "final_norm.scale"])
+    return x, jnp.concatenate(stats, axis=0)
+
+
+def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
+    """Logits (batch, seq, vocab) and stream statistics ``{stack prefix: (depth + 1, 3)}``.
+
+    tokens: (batch, seq) ints, or for an encoder-decoder the pair (source tokens, decoder
+    input tokens).
+    remat: recompute each block's activations in the backward pass (`jax.checkpoint`), so
+    that only the block inputs are stored: memory O(depth) blocks instead of every
+    intermediate, at the cost of a second forward pass."""
+    sts = stacks(arch)
+    token_sets = (tokens,) if len(sts) == 1 else tokens
+    memory, stats = None, {}
+    for st, toks in zip(sts, token_sets):
+        memory, stats[st.prefix] = run_stack(arch, st, params, toks, precision, unroll, remat,
+                                             memory)
+    head = params[sts[-1].prefix + "embed.tok"].T if arch.tied_head else params["head.out"]
+    return _matmul(memory, head, precision), stats
 
 
 def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False):
-    """Mean cross-entropy over all batch_size * seq_len positions; aux = stream statistics."""
+    """Mean cross-entropy over all batch_size * seq_len (decoder) positions; aux = stream
+    statistics."""
     logits, stats = forward(arch, params, tokens, precision, unroll, remat)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)

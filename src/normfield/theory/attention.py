@@ -246,15 +246,22 @@ def _qk_norm_backward(raw: Blocks, normed: Blocks, g: Blocks, spec: HeadSpec) ->
 
 
 def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
-            method: str = "analytic", spec: HeadSpec | None = None):
+            method: str = "analytic", spec: HeadSpec | None = None,
+            kx_memory: Blocks | None = None):
     """Kernel of the concatenated head outputs, and the state for `backward`.
 
-    var_* are the weight variances of W_q, W_k, W_v (fan-in `width`), bias_var their biases'."""
+    var_* are the weight variances of W_q, W_k, W_v (fan-in `width`), bias_var their biases'.
+    With `kx_memory` (cross-attention) the keys and values come from the memory tokens (kernel
+    `kx_memory`, as many tokens as queries) and the queries from `kx`; the logit field is then
+    ``Cov(s_ij, s_i'j') = K_q(i, i') K_k(j, j')`` with K_q from the queries' stream and K_k from
+    the memory, and everything below holds unchanged (W_q and W_k are independent, so the
+    cross-kernel between the two streams does not enter at this order)."""
     spec = spec or HeadSpec(d_head=width)
     n = kx.w.shape[0]
+    kx_kv = kx if kx_memory is None else kx_memory
     kq = kx * (var_q * width) + Blocks.full(n, bias_var[0], bias_var[0])
-    kk = kx * (var_k * width) + Blocks.full(n, bias_var[1], bias_var[1])
-    kv = kx * (var_v * width) + Blocks.full(n, bias_var[2], bias_var[2])
+    kk = kx_kv * (var_k * width) + Blocks.full(n, bias_var[1], bias_var[1])
+    kv = kx_kv * (var_v * width) + Blocks.full(n, bias_var[2], bias_var[2])
     raw_q = raw_k = None
     if spec.qk_norm:
         raw_q, raw_k = kq, kk
@@ -277,7 +284,8 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
 
 def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None = None):
     """Per-coordinate gradient kernels (G_q, G_k, G_v) at the queries, keys and values (before
-    QK-Norm), given the gradient kernel G_o at the concatenated head outputs."""
+    QK-Norm), given the gradient kernel G_o at the concatenated head outputs (for
+    cross-attention G_k and G_v live on the memory tokens)."""
     spec = spec or HeadSpec(d_head=go.w.shape[0])
     rot = Rotary.build(go.w.shape[0], spec.d_head if spec.rope else None)
     gv = Blocks(mask.sandwich_t(go.w) + _spread_by_set(st.a_fluct * go.w, st.n1),

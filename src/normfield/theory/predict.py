@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from normfield.arch import GATED_ACTIVATIONS, Arch
+from normfield.arch import GATED_ACTIVATIONS, MASKS, Arch
 from normfield.data import collision_prob, sinusoidal_positions
-from normfield.placements import (Activation, Add, Linear, Norm, Product, Scale, SelfAttention,
-                                  block)
+from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm, Product, Scale,
+                                  SelfAttention, Stack, block, stacks)
 from normfield.profile import GradProfile
 from normfield.theory import attention
 from normfield.theory.kernels import Blocks, cosine, pair_sum
@@ -33,21 +33,26 @@ STORE_LIMIT_BYTES = 2e9
 
 
 class _Block:
-    """Forward and backward interpretation of one block's steps."""
+    """Forward and backward interpretation of one block's steps (`stack` gives the init rules;
+    `masks` the attention masks by kind)."""
 
-    def __init__(self, arch: Arch, steps: tuple, mask: attention.Mask, method: str):
-        self.arch, self.steps, self.mask, self.method = arch, steps, mask, method
+    def __init__(self, arch: Arch, steps: tuple, masks: dict, method: str, stack: Stack):
+        self.arch, self.steps, self.masks, self.method, self.stack = arch, steps, masks, method, stack
         self.phi = GATED_ACTIVATIONS.get(arch.activation, arch.activation)
         self.heads = attention.HeadSpec(arch.d_head, arch.positions == "rope", arch.qk_norm,
                                         arch.norm_eps, arch.qk_temperature)
 
     def _var(self, name: str) -> tuple[float, float]:
         var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
-        return self.arch.param_init(name).std ** 2, var_b
+        return self.arch.param_init(name, self.stack).std ** 2, var_b
 
-    def forward(self, x: Point):
+    def _attention_mask(self, s) -> attention.Mask:
+        kind = "bidirectional" if isinstance(s, CrossAttention) else (s.mask or self.arch.mask)
+        return self.masks[kind]
+
+    def forward(self, x: Point, memory: Point | None = None):
         a = self.arch
-        env, saved = {"x": x}, {}
+        env, saved = {"x": x, "mem": memory}, {}
         for i, s in enumerate(self.steps):
             if isinstance(s, Norm):
                 env[s.dst] = norm_forward(env[s.src], a.norm, a.norm_eps)
@@ -60,10 +65,12 @@ class _Block:
                 pa, pb = env[s.a], env[s.b]
                 k = pa.k * pb.k
                 env[s.dst] = Point(k, k * (1.0 / pa.width), pa.width)
-            elif isinstance(s, SelfAttention):
-                (vq, bq), (vk, bk), (vv, bv) = (self._var(f"attn.{p}") for p in "qkv")
-                ko, saved[i] = attention.forward(env[s.src].k, self.mask, vq, vk, vv, a.d_model,
-                                                 (bq, bk, bv), self.method, self.heads)
+            elif isinstance(s, (SelfAttention, CrossAttention)):
+                (vq, bq), (vk, bk), (vv, bv) = (self._var(f"{s.prefix}.{p}") for p in "qkv")
+                kx_memory = env[s.memory].k if isinstance(s, CrossAttention) else None
+                ko, saved[i] = attention.forward(env[s.src].k, self._attention_mask(s), vq, vk,
+                                                 vv, a.d_model, (bq, bk, bv), self.method,
+                                                 self.heads, kx_memory)
                 env[s.dst] = Point(ko, ko * (1.0 / a.d_model), a.d_model)
             elif isinstance(s, Scale):
                 p = env[s.src]
@@ -75,7 +82,8 @@ class _Block:
         return env, saved
 
     def backward(self, env: dict, saved: dict, g_out: Blocks):
-        """Gradient kernel at the block input and the squared weight-gradient norms."""
+        """Gradient kernels at the block input and at the memory (None without
+        cross-attention), and the squared weight-gradient norms."""
         a, b = self.arch, self.arch.batch_size
         grads: dict[str, float] = {}
         gs: dict[str, Blocks] = {self.steps[-1].dst: g_out}
@@ -103,21 +111,24 @@ class _Block:
             elif isinstance(s, Product):
                 push(s.a, g * env[s.b].k)
                 push(s.b, g * env[s.a].k)
-            elif isinstance(s, SelfAttention):
-                x, d = env[s.src], a.d_model
-                g_qkv = attention.backward(g, self.mask, saved[i], self.heads)
+            elif isinstance(s, (SelfAttention, CrossAttention)):
+                kv_src = s.memory if isinstance(s, CrossAttention) else s.src
+                d = a.d_model
+                g_qkv = attention.backward(g, self._attention_mask(s), saved[i], self.heads)
                 for p, gp in zip("qkv", g_qkv):
-                    var_w, _ = self._var(f"attn.{p}")
-                    push(s.src, linear_backward(gp, var_w, d))
-                    grads[f"attn.{p}"] = linear_grad_sq(x, gp, d, b)
+                    src = s.src if p == "q" else kv_src
+                    name = f"{s.prefix}.{p}"
+                    var_w, _ = self._var(name)
+                    push(src, linear_backward(gp, var_w, d))
+                    grads[name] = linear_grad_sq(env[src], gp, d, b)
                     if a.bias:
-                        grads[f"attn.{p}.bias"] = bias_grad_sq(gp, d, b)
+                        grads[f"{name}.bias"] = bias_grad_sq(gp, d, b)
             elif isinstance(s, Scale):
                 push(s.src, g * s.factor ** 2)
             elif isinstance(s, Add):
                 push(s.a, g * s.alpha ** 2)
                 push(s.b, g * s.beta ** 2)
-        return gs["x"], grads
+        return gs["x"], gs.get("mem"), grads
 
 
 # ---- embedding and head --------------------------------------------------------------------------
@@ -202,9 +213,64 @@ def stream_stats(p: Point) -> tuple[float, float, float]:
 
 
 # ---- the interpreter -----------------------------------------------------------------------------
+class _StackRun:
+    """One stack's forward pass: its blocks, block inputs, saved block states (when they fit in
+    `STORE_LIMIT_BYTES`), stream statistics, last block output and the (final-normed) output."""
+
+    def __init__(self, arch: Arch, stack: Stack, masks: dict, method: str, memory: Point | None):
+        n = arch.seq_len
+        self.stack, self.memory = stack, memory
+        self.blocks = [_Block(arch, block(arch, l, stack), masks, method, stack)
+                       for l in range(stack.depth)]
+        self.store = stack.depth * len(self.blocks[0].steps) * 4 * n * n * 8 < STORE_LIMIT_BYTES
+        x = embedding_point(arch)
+        self.inputs, self.kept, self.stats = [], [], [stream_stats(x)]
+        for blk in self.blocks:
+            self.inputs.append(x)
+            env, saved = blk.forward(x, memory)
+            self.kept.append((env, saved) if self.store else None)
+            x = env[blk.steps[-1].dst]
+            self.stats.append(stream_stats(x))
+        self.stream = x
+        self.out = norm_forward(x, arch.norm, arch.norm_eps) if arch.has_final_norm else x
+
+    def backward(self, arch: Arch, g: Blocks, grads_sq: dict) -> tuple[Blocks, Blocks | None]:
+        """Backward from the gradient kernel `g` at `out`: fills `grads_sq` with the stack's
+        (prefixed) per-layer and final-norm entries; returns the gradient kernels at the
+        embedding output and at the memory (summed over the blocks)."""
+        b, pre = arch.batch_size, self.stack.prefix
+        if arch.has_final_norm:
+            grads_sq[pre + "final_norm.scale"] = np.array([gain_grad_sq(self.out, g, b)])
+            g = norm_backward(self.stream, self.out, g, arch.norm, arch.norm_eps)
+        per_layer: list[dict] = [None] * self.stack.depth
+        g_mem = None
+        for l in reversed(range(self.stack.depth)):
+            blk = self.blocks[l]
+            env, saved = self.kept[l] if self.store else blk.forward(self.inputs[l], self.memory)
+            g, g_m, per_layer[l] = blk.backward(env, saved, g)
+            if g_m is not None:
+                g_mem = g_m if g_mem is None else g_mem + g_m
+        for name in per_layer[0]:
+            grads_sq[pre + name] = np.array([layer[name] for layer in per_layer])
+        return g, g_mem
+
+
+def _head_gain(arch: Arch, run: _StackRun) -> str | None:
+    """The norm gain whose output feeds the head (final norm, or the last block's last norm)."""
+    if arch.has_final_norm:
+        return run.stack.prefix + "final_norm.scale"
+    last = run.blocks[-1].steps[-1]
+    return run.stack.prefix + f"{last.name}.scale" if isinstance(last, Norm) else None
+
+
 def predict(arch: Arch, method: str = "analytic") -> GradProfile:
     """Mean-field prediction of ``sqrt(E||dL/dW||_F^2)`` for every parameter of `arch`, and of
     the residual-stream statistics at every block output (see `GradProfile`).
+
+    An encoder-decoder (``arch.decoder_depth > 0``) runs the encoder, then the decoder with the
+    encoder output as the memory of its cross-attentions; backward, the memory's gradient
+    kernel is the sum of the cross-attention key and value paths of every decoder block (each
+    through its own independent W_k, W_v, so the cross terms vanish at this order).
 
     method: ``"analytic"`` (closed-form softmax moments, the default) or ``"mc"`` (fixed-sample
     Monte-Carlo softmax moments, the reference the closed form is validated against).
@@ -214,59 +280,41 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
     if method not in METHODS:
         raise ValueError(f"invalid method={method!r}: expected one of {METHODS}")
     start = time.perf_counter()
-    n, b, depth = arch.seq_len, arch.batch_size, arch.depth
-    mask = attention.Mask.build(arch.mask, n)
-    blocks = [_Block(arch, block(arch, l), mask, method) for l in range(depth)]
-    store = depth * len(blocks[0].steps) * 4 * n * n * 8 < STORE_LIMIT_BYTES
-
-    x = embedding_point(arch)
-    inputs, kept, stats = [], [], [stream_stats(x)]
-    for blk in blocks:
-        inputs.append(x)
-        env, saved = blk.forward(x)
-        kept.append((env, saved) if store else None)
-        x = env[blk.steps[-1].dst]
-        stats.append(stream_stats(x))
+    n, b = arch.seq_len, arch.batch_size
+    masks = {kind: attention.Mask.build(kind, n) for kind in MASKS}
+    runs, memory = [], None
+    for stack in stacks(arch):
+        runs.append(_StackRun(arch, stack, masks, method, memory))
+        memory = runs[-1].out
 
     grads_sq: dict[str, np.ndarray] = {}
-    stream = x
-    last = blocks[-1].steps[-1]
-    head_gain = ("final_norm.scale" if arch.has_final_norm
-                 else f"{last.name}.scale" if isinstance(last, Norm) else None)
-    if arch.has_final_norm:
-        h = norm_forward(x, arch.norm, arch.norm_eps)
-    else:
-        h = x
+    h = runs[-1].out
     big_n = b * n
     dk = logit_gradient_kernel(arch, h, method)
     g = dk * (head_var(arch) / big_n ** 2)
     head_sq = h.width * pair_sum(h.k, dk, b) / big_n ** 2
-    if arch.has_final_norm:
-        grads_sq["final_norm.scale"] = np.array([gain_grad_sq(h, g, b)])
-        g = norm_backward(stream, h, g, arch.norm, arch.norm_eps)
-
-    per_layer: list[dict] = [None] * depth
-    for l in reversed(range(depth)):
-        env, saved = kept[l] if store else blocks[l].forward(inputs[l])
-        g, per_layer[l] = blocks[l].backward(env, saved, g)
-    if head_gain and head_gain != "final_norm.scale":
-        per_layer[-1][head_gain] += head_gain_coherent_sq(arch, h, method)
-    elif head_gain:
-        grads_sq[head_gain] += head_gain_coherent_sq(arch, h, method)
-    for name in per_layer[0]:
-        grads_sq[name] = np.array([layer[name] for layer in per_layer])
-
-    tok_sq = arch.embed_scale ** 2 * arch.d_model * pair_sum(token_kernel(arch), g, b)
-    grads_sq["embed.tok"] = np.array([tok_sq + (head_sq if arch.tied_head else 0.0)])
-    if arch.positions == "learned":
-        eye = Blocks(np.eye(n), np.eye(n))
-        grads_sq["embed.pos"] = np.array([arch.d_model * pair_sum(eye, g, b)])
+    for i in reversed(range(len(runs))):
+        g_embed, g = runs[i].backward(arch, g, grads_sq)
+        pre = runs[i].stack.prefix
+        tied = arch.tied_head and i == len(runs) - 1
+        tok_sq = arch.embed_scale ** 2 * arch.d_model * pair_sum(token_kernel(arch), g_embed, b)
+        grads_sq[pre + "embed.tok"] = np.array([tok_sq + (head_sq if tied else 0.0)])
+        if arch.positions == "learned":
+            eye = Blocks(np.eye(n), np.eye(n))
+            grads_sq[pre + "embed.pos"] = np.array([arch.d_model * pair_sum(eye, g_embed, b)])
+    head_gain = _head_gain(arch, runs[-1])
+    if head_gain:
+        grads_sq[head_gain][-1] += head_gain_coherent_sq(arch, h, method)
     if not arch.tied_head:
         grads_sq["head.out"] = np.array([head_sq])
 
-    acts = np.array(stats)
-    activations = {"sq_norm": acts[:, 0], "cos_within": acts[:, 1],
-                   "cos_across": acts[:, 2] if b > 1 else np.full(depth + 1, np.nan)}
+    activations = {}
+    for run in runs:
+        acts = np.array(run.stats)
+        pre = run.stack.prefix
+        activations.update({pre + "sq_norm": acts[:, 0], pre + "cos_within": acts[:, 1],
+                            pre + "cos_across": acts[:, 2] if b > 1
+                            else np.full(run.stack.depth + 1, np.nan)})
     meta = {"method": method, "seconds": time.perf_counter() - start}
     return GradProfile(arch=arch, source="theory",
                        grads={k: np.sqrt(np.maximum(v, 0.0)) for k, v in grads_sq.items()},
