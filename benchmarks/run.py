@@ -326,6 +326,7 @@ def print_table(r: dict) -> None:
               f"{pr['profile_max_rel_diff_vs_float32']:10.2e} {ratio:>12s}")
     print("(seed diff / prof diff: max relative difference from float32 of the per-seed norms /"
           " of sqrt(mean over seeds), over all parameters and layers)")
+    c = r["compile"]
     print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
           f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
     pm = r["peak_memory"]
