@@ -52,3 +52,28 @@ def test_config_names_are_stable_and_distinct(tmp_path):
     assert len({ctx.config_name(s, x) for s in ("theory", "probe") for x in (a, b)}) == 4
     ctx.seeds = 3
     assert ctx.config_name("probe", a) != _ctx(tmp_path).config_name("probe", a)
+
+
+def test_liu2020_layer_total_sums_weight_gradients_per_layer():
+    import numpy as np
+
+    from normfield import Arch
+    from normfield.figures.liu2020 import layer_total
+    from normfield.placements import layer_params
+    from normfield.profile import GradProfile
+
+    arch = Arch(depth=2, decoder_depth=3, placement="post", d_model=8, n_heads=2, d_ff=8,
+                seq_len=2, batch_size=1, vocab_size=5)
+    rng = np.random.default_rng(0)
+    per_seed = {n: rng.uniform(0.5, 2.0, size=(4, 2 if n.startswith("enc.") else 3))
+                for n in layer_params(arch)}
+    grads = {n: np.sqrt(v.mean(axis=0)) for n, v in per_seed.items()}
+    prof = GradProfile(arch=arch, source="probe", grads=grads, activations={},
+                       stderr={n: 0 * g for n, g in grads.items()}, per_seed_sq=per_seed)
+    weights = [n for n in layer_params(arch) if n.startswith("dec.") and not n.endswith(".scale")]
+    assert len(weights) == 10  # self/cross attention q, k, v, o and ffn w1, w2
+    total = sum(per_seed[n] for n in weights)  # (seeds, layers)
+    values, se = layer_total(prof, "dec.")
+    np.testing.assert_allclose(values, np.sqrt(total.mean(axis=0)))
+    np.testing.assert_allclose(se, total.std(axis=0, ddof=1) / 2 / np.sqrt(4 * total.mean(axis=0)))
+    assert layer_total(prof, "enc.")[0].shape == (2,)

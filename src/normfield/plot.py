@@ -56,8 +56,10 @@ def placement_color(placement: str) -> str:
 
 
 def arch_label(arch) -> str:
-    """``"Post-LN L=6 d=512"``: placement, depth and width of an Arch."""
-    return f"{LABELS.get(arch.placement, arch.placement)} L={arch.depth} d={arch.d_model}"
+    """``"Post-LN L=6 d=512"`` (``L=6+6`` for an encoder-decoder): placement, depth and width of
+    an Arch."""
+    depth = f"{arch.depth}+{arch.decoder_depth}" if arch.decoder_depth else f"{arch.depth}"
+    return f"{LABELS.get(arch.placement, arch.placement)} L={depth} d={arch.d_model}"
 
 
 def _check_source(p) -> None:

@@ -1,6 +1,7 @@
 """Figure recipes: ``normfield figures [--quick] [--out figures/]`` calls `main`.
 
-One module per figure (`xiong_fig3`, `xiong_lemma2`, `normformer`, `hidden_growth`, `atlas`);
+One module per figure (`xiong_fig3`, `xiong_lemma2`, `liu2020`, `normformer`, `hidden_growth`,
+`atlas`);
 each has ``make(ctx) -> list[Result]`` (figure, file stem, caption with the measured numbers).
 `main` writes ``<out>/<name>.png`` and ``.pdf`` for every figure, the theory and probe profiles
 as JSON in ``<out>/data/`` (one file per configuration, shared between figures and reused on a
@@ -20,7 +21,7 @@ from normfield.figures.common import Context, Result, save_figure
 from normfield.profile import atomic_write_text
 from normfield.progress import progress
 
-RECIPES = ("xiong_fig3", "xiong_lemma2", "normformer", "hidden_growth", "atlas")
+RECIPES = ("xiong_fig3", "xiong_lemma2", "liu2020", "normformer", "hidden_growth", "atlas")
 
 __all__ = ["main", "run_recipe", "RECIPES", "Context", "Result"]
 
