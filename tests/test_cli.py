@@ -184,3 +184,17 @@ def test_progress_bar():
     text = stream.getvalue()
     assert "t [" in text and "5/5" in text
     assert list(progress(iter([1, 2]), stream=stream, enabled=False)) == [1, 2]
+
+
+def test_predict_encoder_decoder_table_has_a_row_per_layer_of_the_longer_stack(capsys):
+    code, stdout, _ = run_main(capsys, "predict", *TINY, "--decoder-depth", "3")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert "depth=2 decoder_depth=3" in lines[0]
+    header = lines[2].split()
+    assert "enc.attn.q" in header and "dec.cross_attn.k" in header
+    rows = [line.split() for line in lines[4:7]]
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    # layer 2 exists only in the decoder: its row has the decoder columns alone
+    n_dec = sum(name.startswith("dec.") for name in header)
+    assert len(rows[2]) == 1 + n_dec and len(rows[0]) == len(header)

@@ -169,10 +169,13 @@ def format_profile(profile) -> str:
     errs = profile.stderr or {}
 
     def cell(name: str, i: int) -> str:
+        if i >= len(profile.grads[name]):  # an encoder-decoder's shorter stack
+            return ""
         e = errs.get(name)
         return _cell(float(profile.grads[name][i]), None if e is None else float(e[i]))
 
-    lines = [f"{profile.source}: depth={arch.depth} placement={arch.placement} "
+    decoder = f" decoder_depth={arch.decoder_depth}" if arch.decoder_depth else ""
+    lines = [f"{profile.source}: depth={arch.depth}{decoder} placement={arch.placement} "
              f"d_model={arch.d_model} n_heads={arch.n_heads} d_ff={arch.d_ff} norm={arch.norm} "
              f"activation={arch.activation}"]
     meta = profile.meta or {}
@@ -183,7 +186,8 @@ def format_profile(profile) -> str:
                  + "; layer 0 = block nearest the input")
     if layered:
         rows = [["layer", *layered]]
-        rows += [[str(i), *(cell(n, i) for n in layered)] for i in range(arch.depth)]
+        n_rows = max(arch.depth, arch.decoder_depth)
+        rows += [[str(i), *(cell(n, i) for n in layered)] for i in range(n_rows)]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for k, row in enumerate(rows):
             lines.append("  ".join(s.rjust(w) for s, w in zip(row, widths)))
