@@ -37,12 +37,18 @@ approximations are therefore quadrature ones; see ``_quad_moments``.
 Resolution: per-entry logit grid step 0.5 on [-8.5, 8.5] (35 nodes),
 (log s, log t) step 0.6 with 14 e-folds of lower tail.  For each unique
 ``(v1, v2)`` the per-entry transforms are computed at 13 Chebyshev-Lobatto
-nodes in ``rho`` (on [0, 1], or [-1, 1] if some rho < 0; cached with
-``functools.lru_cache`` on the scalar key ``(v1, v2, size buckets)``); the
+nodes in ``rho`` (on [0, 1], or [-1, 1] if some rho < 0); the
 ``(n1, n2)`` contraction is exact for every unique pair, and the result is
 interpolated in ``rho`` (barycentric; the moments are analytic in rho).
 Exact limits (``v1 = v2 = 0``, ``rho = 0`` for T1, ``n1 = 1`` for Q) are
 returned exactly.
+
+Memoization (exact: the same inputs give bit-identical outputs): each row's
+conditional transforms per ``(v, size bucket, rho range)`` (`_side`; the two
+rows share one when v1 = v2), the combined transforms per ``(v1, v2, size
+buckets, rho range)`` (`_Quadrature`), and in it the sums over s per n1 and
+the node moments per set of (n1, n2) pairs; the rho interpolation weights of
+the last two rho arrays (`_barycentric`).
 
 Accuracy (against the same quadrature at step 0.5 / 18 e-folds, and MC):
 fluctuation parts ``T1 - 1/n2`` and ``Q - (1/n2)(1 - 1/n1)`` within 1e-4
@@ -73,34 +79,50 @@ _ZW = np.exp(-0.5 * _Z**2) * _ZH / np.sqrt(2.0 * np.pi)
 _ZW = _ZW / _ZW.sum()
 
 
+_FMAX = np.finfo(np.float64).max
+
+
+def _within(x, lo, hi, whole=False):
+    """Whether every entry of x lies in [lo, hi] (NaN does not) and, if `whole`, is an integer."""
+    if x.size == 0:
+        return True
+    if not (x.min() >= lo and x.max() <= hi):
+        return False
+    return not whole or bool(np.all(x == np.round(x)))
+
+
 def _validate(n1, n2, v1, v2, rho, method):
+    """The arguments as float64 arrays broadcast to one shape; ValueError naming the first
+    invalid value.  Valid input costs a few reductions: the offending entry is only located
+    once a check has failed (integer-typed sizes need no integrality check)."""
     if method not in _METHODS:
         raise ValueError(f"invalid method={method!r}: expected one of {_METHODS}")
     n1 = np.asarray(n1)
     n2 = np.asarray(n2)
+    whole1, whole2 = (not np.issubdtype(n.dtype, np.integer) for n in (n1, n2))
     v1 = np.asarray(v1, dtype=np.float64)
     v2 = np.asarray(v2, dtype=np.float64)
     rho = np.asarray(rho, dtype=np.float64)
     n1f = n1.astype(np.float64)
     n2f = n2.astype(np.float64)
-    bad = ~np.isfinite(n1f) | (n1f < 1) | (n1f != np.round(n1f))
-    if np.any(bad):
+    if not _within(n1f, 1.0, _FMAX, whole1):
+        bad = ~np.isfinite(n1f) | (n1f < 1) | (n1f != np.round(n1f))
         raise ValueError(
             f"invalid n1={n1f[bad].ravel()[0]:g}: expected an integer n1 >= 1")
     n1b, n2b = np.broadcast_arrays(n1f, n2f)
-    bad = ~np.isfinite(n2b) | (n2b != np.round(n2b)) | (n2b < n1b)
-    if np.any(bad):
+    if not (_within(n2f, 1.0, _FMAX, whole2) and np.all(n2b >= n1b)):
+        bad = ~np.isfinite(n2b) | (n2b != np.round(n2b)) | (n2b < n1b)
         i = np.flatnonzero(bad.ravel())[0]
         raise ValueError(
             f"invalid n2={n2b.ravel()[i]:g}: expected an integer n2 >= n1 "
             f"(n1={n1b.ravel()[i]:g})")
     for name, v in (("v1", v1), ("v2", v2)):
-        bad = ~np.isfinite(v) | (v < 0)
-        if np.any(bad):
+        if not _within(v, 0.0, _FMAX):
+            bad = ~np.isfinite(v) | (v < 0)
             raise ValueError(
                 f"invalid {name}={v[bad].ravel()[0]:g}: expected {name} >= 0 (finite)")
-    bad = ~np.isfinite(rho) | (rho < -1) | (rho > 1)
-    if np.any(bad):
+    if not _within(rho, -1.0, 1.0):
+        bad = ~np.isfinite(rho) | (rho < -1) | (rho > 1)
         raise ValueError(
             f"invalid rho={rho[bad].ravel()[0]:g}: expected -1 <= rho <= 1")
     return np.broadcast_arrays(n1f, n2f, v1, v2, rho)
@@ -172,6 +194,44 @@ def _grid(nmax, v, h, tail):
     return np.arange(lo, hi + h, h)
 
 
+def _conditional(s, rho, grid):
+    """Conditional per-entry transforms of one row given the shared factor u.
+
+    The row's logit is ``s (sign(rho) sqrt|rho| u + sqrt(1-|rho|) w)``; returns
+    ``F_m(x, u) = E_w[e^(m logit) exp(-e^x e^logit)]`` for m = 0, 1, 2, each (X, U).
+    """
+    r = abs(rho)
+    sg = 1.0 if rho >= 0 else -1.0
+    cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
+    e = np.exp(s * (sg * cu * _Z[:, None] + cw * _Z[None, :]))   # (U, W)
+    K = np.exp(-np.exp(grid)[:, None, None] * e[None])          # (X, U, W)
+    return K @ _ZW, (K * e) @ _ZW, (K * (e * e)) @ _ZW
+
+
+def _log_psi(s, y):
+    """log psi(t) = log E[exp(-t e^b)], b ~ N(0, s^2), on the log t grid y."""
+    return np.log(np.exp(-np.exp(y)[:, None] * np.exp(s * _Z)[None, :]) @ _ZW)
+
+
+def _combine(A, B, x, y):
+    """L = log G00 (X, Y) and the stacked weights W (5, X, Y) from the conditional transforms
+    A of row a (unsigned) and B of row b: the expectation over the shared factor u is a
+    matrix product (see `_entry_transforms`)."""
+    A0w, A1w, A2w = (F * _ZW for F in A)
+    B0, B1, B2 = B
+    G00 = A0w @ B0.T
+    G11 = A1w @ B1.T
+    G21 = A2w @ B1.T
+    G12 = A1w @ B2.T
+    G22 = A2w @ B2.T
+    S = np.exp(x)[:, None]
+    T = np.exp(y)[None, :]
+    J = S * T
+    W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22,
+                  J * S * T * G11 * G11 / G00])
+    return np.log(G00), W
+
+
 def _entry_transforms(v1, v2, rho, x, y):
     """Per-entry Laplace transforms on the (log s, log t) grid.
 
@@ -184,34 +244,8 @@ def _entry_transforms(v1, v2, rho, x, y):
     expectation is a matrix product over the shared factor u.
     """
     s1, s2 = np.sqrt(v1), np.sqrt(v2)
-    r = abs(rho)
-    sg = 1.0 if rho >= 0 else -1.0
-    cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
-    z, wz = _Z, _ZW
-    a = s1 * (cu * z[:, None] + cw * z[None, :])          # (U, W)
-    b = s2 * (sg * cu * z[:, None] + cw * z[None, :])
-    def cond(grid, logit):
-        e = np.exp(logit)
-        K = np.exp(-np.exp(grid)[:, None, None] * e[None])  # (X, U, W)
-        F0 = K @ wz                                        # (X, U)
-        F1 = (K * e) @ wz
-        F2 = (K * (e * e)) @ wz
-        return F0, F1, F2
-    A0, A1, A2 = cond(x, a)
-    B0, B1, B2 = cond(y, b)
-    A0w, A1w, A2w = A0 * wz, A1 * wz, A2 * wz
-    G00 = A0w @ B0.T
-    G11 = A1w @ B1.T
-    G21 = A2w @ B1.T
-    G12 = A1w @ B2.T
-    G22 = A2w @ B2.T
-    psi = np.exp(-np.exp(y)[:, None] * np.exp(s2 * z)[None, :]) @ wz
-    S = np.exp(x)[:, None]
-    T = np.exp(y)[None, :]
-    J = S * T
-    W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22,
-                  J * S * T * G11 * G11 / G00])
-    return np.log(G00), np.log(psi), W
+    L, W = _combine(_conditional(s1, abs(rho), x), _conditional(s2, rho, y), x, y)
+    return L, _log_psi(s2, y), W
 
 
 def _contract(L, M, W, n1, n2, h):
@@ -247,6 +281,9 @@ def _quad_moments(n1, n2, v1, v2, rho, h=0.6, tail=18.0):
 _QUAD_H = 0.6       # trapezoid step in (log s, log t)
 _QUAD_TAIL = 14.0   # e-folds kept below the bulk of the (log s, log t) integrand
 _N_RHO = 13         # Chebyshev-Lobatto nodes in rho (on [0, 1], or [-1, 1] if any rho < 0)
+_PEEL = 8           # (v1, v2) groups split off by comparison before np.unique sorts the rest
+_CHUNK = 4096       # entries interpolated in rho at a time
+_PAIR_SETS = 16     # (n1, n2) pair sets whose node moments a _Quadrature keeps
 
 
 def _bucket(n):
@@ -265,95 +302,171 @@ def _rho_nodes(rho_lo):
     return nodes, bw
 
 
+def _sum_over_s(L, W, n1):
+    """``U[i] = sum_s exp((n1[i] - 1) L) W`` (len(n1), 5, Y), in chunks of bounded size."""
+    U = np.empty((n1.size, W.shape[0], L.shape[1]))
+    step = max(1, 2_000_000 // L.size)
+    for s0 in range(0, n1.size, step):
+        P = np.exp((n1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
+        U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
+    return U
+
+
 @functools.lru_cache(maxsize=128)
-def _transforms(v1, v2, n1max, n2max, rho_lo):
-    """(L, M, W) on the (log s, log t) grid for every rho node (cached)."""
-    x = _grid(n1max, v1, _QUAD_H, _QUAD_TAIL)
-    y = _grid(n2max, v2, _QUAD_H, _QUAD_TAIL)
+def _side(v, nmax, rho_lo, signed):
+    """One row's (log s or log t) grid and its conditional transforms at every rho node.
+
+    Row a takes the unsigned side (|rho|), row b the signed one; they coincide for rho_lo = 0,
+    so callers pass ``signed=False`` there.  Cached: a side depends on its own row only, so
+    pairs of (v, size bucket) share it.
+    """
+    grid = _grid(nmax, v, _QUAD_H, _QUAD_TAIL)
     nodes, _ = _rho_nodes(rho_lo)
-    out = []
-    for r in nodes:
-        L, M, W = _entry_transforms(v1, v2, float(r), x, y)
-        for arr in (L, M, W):
-            arr.flags.writeable = False
-        out.append((L, M, W))
-    return tuple(out)
+    return grid, [_conditional(np.sqrt(v), r if signed else abs(r), grid) for r in nodes]
+
+
+class _Quadrature:
+    """The analytic method at one (v1, v2), size buckets and rho range.
+
+    Holds the per-entry transforms at every rho node (L, W stacked over the nodes; M does not
+    depend on rho) and memoizes, exactly, per n1 the sums over the s grid
+    ``U(n1) = sum_s G00^(n1-1) W`` and per set of (n1, n2) pairs their node moments.
+    """
+
+    def __init__(self, v1, v2, n1max, n2max, rho_lo):
+        x, A = _side(v1, n1max, rho_lo, False)
+        y, B = _side(v2, n2max, rho_lo, rho_lo < 0)
+        self.rho_lo = rho_lo
+        per_node = [_combine(a, b, x, y) for a, b in zip(A, B)]
+        self.L = np.stack([L for L, _ in per_node])
+        self.W = np.stack([W for _, W in per_node])
+        self.M = _log_psi(np.sqrt(v2), y)
+        self._rows: dict = {}
+        self._pairs: dict = {}
+
+    def _laplace_sums(self, un1):
+        """``U[k, i] = sum_s exp((un1[i] - 1) L_k) W_k``, shape (_N_RHO, len(un1), 5, Y)."""
+        missing = [n for n in un1 if n not in self._rows]
+        if missing:
+            U = np.stack([_sum_over_s(L, W, np.array(missing)) for L, W in zip(self.L, self.W)])
+            self._rows.update(zip(missing, U.swapaxes(0, 1)))
+        return np.stack([self._rows[n] for n in un1], axis=1)
+
+    def node_moments(self, pairs):
+        """Fluctuation parts ``Ft = n2 T1 - 1`` and ``Fq = n2 Q - (1 - 1/n1)`` of every
+        (n1, n2) row of `pairs` at every rho node: two arrays (len(pairs), _N_RHO).
+        Memoized on the pair set (the last _PAIR_SETS sets)."""
+        key = pairs.tobytes()
+        if key not in self._pairs:
+            if len(self._pairs) >= _PAIR_SETS:
+                self._pairs.pop(next(iter(self._pairs)))
+            self._pairs[key] = self._node_moments(pairs)
+        return self._pairs[key]
+
+    def _node_moments(self, pairs):
+        pa, pb = pairs[:, 0], pairs[:, 1]
+        un1, n1inv = np.unique(pa, return_inverse=True)
+        U = self._laplace_sums(un1)                                  # (K, N1, 5, Y)
+        D = np.exp((pb - pa)[:, None] * self.M[None, :])             # (pairs, Y): psi^(n2-n1)
+        Ft = np.empty((pairs.shape[0], _N_RHO))
+        Fq = np.empty_like(Ft)
+        for k in range(_N_RHO):
+            R = np.einsum("py,pky->kp", D, U[k][n1inv.ravel()]) * (_QUAD_H * _QUAD_H)
+            T1 = pa * R[0]
+            Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
+            Ft[:, k] = pb * T1 - 1.0
+            Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
+        Ft.flags.writeable = Fq.flags.writeable = False
+        return Ft, Fq
+
+    def fluctuations(self, n1, n2, rho):
+        """Fluctuation parts (ft, fq) of every entry: the node moments of its (n1, n2),
+        interpolated in rho."""
+        pkey, at = np.unique(n1.astype(np.int64) * (1 << 31) + n2.astype(np.int64),
+                             return_inverse=True)
+        pairs = np.stack([pkey >> 31, pkey & ((1 << 31) - 1)], axis=1).astype(np.float64)
+        C = _barycentric(rho, self.rho_lo)
+        return _interpolate(C, self.node_moments(pairs), at.ravel())
+
+
+_quadrature = functools.lru_cache(maxsize=128)(_Quadrature)
+
+
+_WEIGHT_MEMO: dict = {}
 
 
 def _barycentric(r, rho_lo):
-    """Interpolation matrix (len(r), _N_RHO) for Chebyshev-Lobatto nodes."""
+    """Interpolation matrix (len(r), _N_RHO) for the Chebyshev-Lobatto nodes (a row is one-hot
+    where r is a node), built _CHUNK rows at a time to keep the temporaries small.  Memoized
+    on the last two inputs: the two calls of a variance interpolation share rho."""
+    key = (rho_lo, r.tobytes())
+    if key in _WEIGHT_MEMO:
+        return _WEIGHT_MEMO[key]
     nodes, bw = _rho_nodes(rho_lo)
-    d = r[:, None] - nodes[None, :]
-    hit = d == 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = bw[None, :] / d
-        c = c / c.sum(axis=1, keepdims=True)
-    rows = hit.any(axis=1)
-    c[rows] = hit[rows].astype(np.float64)
-    return c
+    C = np.empty((r.size, _N_RHO))
+    for s0 in range(0, r.size, _CHUNK):
+        d = r[s0:s0 + _CHUNK, None] - nodes[None, :]
+        hit = d == 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = bw[None, :] / d
+            c = c / c.sum(axis=1, keepdims=True)
+        rows = hit.any(axis=1)
+        c[rows] = hit[rows]
+        C[s0:s0 + _CHUNK] = c
+    if len(_WEIGHT_MEMO) >= 2:
+        _WEIGHT_MEMO.pop(next(iter(_WEIGHT_MEMO)))
+    C.flags.writeable = False
+    _WEIGHT_MEMO[key] = C
+    return C
 
 
-_NODE_CACHE: dict = {}
-_NODE_CACHE_SIZE = 256
+def _interpolate(C, tables, at):
+    """For every table (rows, nodes): ``sum_k C[e, k] table[at[e], k]`` for every entry e,
+    _CHUNK entries at a time (a one-row table is broadcast rather than gathered)."""
+    out = [np.empty(C.shape[0]) for _ in tables]
+    for s0 in range(0, C.shape[0], _CHUNK):
+        part = slice(s0, s0 + _CHUNK)
+        for o, t in zip(out, tables):
+            rows = np.broadcast_to(t, C[part].shape) if len(t) == 1 else t[at[part]]
+            o[part] = np.einsum("ik,ik->i", C[part], rows)
+    return out
 
 
-def _node_moments(tr, pairs, un1, n1inv, key):
-    """Scaled fluctuation parts (Ft, Fq) of every (n1, n2) pair at every rho node, memoized on
-    (v1, v2, rho range, pair set): layers with the same mask and logit-variance node reuse it."""
-    if key in _NODE_CACHE:
-        return _NODE_CACHE[key]
-    d = pairs[:, 1] - pairs[:, 0]
-    Ft = np.empty((pairs.shape[0], _N_RHO))
-    Fq = np.empty_like(Ft)
-    pa, pb = pairs[:, 0], pairs[:, 1]
-    for k, (L, M, W) in enumerate(tr):
-        U = np.empty((un1.size, 5, L.shape[1]))
-        step = max(1, 2_000_000 // L.size)
-        for s0 in range(0, un1.size, step):
-            P = np.exp((un1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
-            U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
-        D = np.exp(d[:, None] * M[None, :])                 # (pairs, Y)
-        R = np.einsum("py,pky->kp", D, U[n1inv]) * (_QUAD_H * _QUAD_H)
-        T1 = pa * R[0]
-        Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
-        Ft[:, k] = pb * T1 - 1.0
-        Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
-    if len(_NODE_CACHE) >= _NODE_CACHE_SIZE:
-        _NODE_CACHE.pop(next(iter(_NODE_CACHE)))
-    Ft.flags.writeable = Fq.flags.writeable = False
-    _NODE_CACHE[key] = (Ft, Fq)
-    return Ft, Fq
+def _groups(v1, v2, idx):
+    """Split the entries idx by their exact (v1, v2); yields (v1, v2, selection).
+
+    The variances usually take a few grid values, so groups are split off by comparison (a
+    single group covering every entry is selected by a slice, without copies) and np.unique
+    sorts only what is left after _PEEL groups.
+    """
+    a, b = v1[idx], v2[idx]
+    for _ in range(_PEEL):
+        if idx.size == 0:
+            return
+        same = (a == a[0]) & (b == b[0])
+        if idx.size == v1.size and same.all():
+            yield float(a[0]), float(b[0]), slice(None)
+            return
+        yield float(a[0]), float(b[0]), idx[same]
+        rest = ~same
+        idx, a, b = idx[rest], a[rest], b[rest]
+    keys, inv = np.unique(a + 1j * b, return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(keys.size + 1))
+    for g, key in enumerate(keys):
+        yield float(key.real), float(key.imag), idx[order[bounds[g]:bounds[g + 1]]]
 
 
 def _analytic(n1, n2, v1, v2, rho):
     T = 1.0 / n2
     Q = (1.0 - 1.0 / n1) / n2
     live = ((v1 > 0) | (v2 > 0)) & (n2 > 1)
-    if not np.any(live):
-        return T, Q
-    idx = np.flatnonzero(live)
-    ukeys, inv = np.unique(v1[idx] + 1j * v2[idx], return_inverse=True)
-    ukeys = np.stack([ukeys.real, ukeys.imag], axis=1)
-    inv = inv.ravel()
-    order = np.argsort(inv, kind="stable")
-    bounds = np.searchsorted(inv[order], np.arange(ukeys.shape[0] + 1))
-    for g in range(ukeys.shape[0]):
-        sel = idx[order[bounds[g]:bounds[g + 1]]]
+    for g1, g2, sel in _groups(v1, v2, np.flatnonzero(live)):
         a, b, r = n1[sel], n2[sel], rho[sel]
         rho_lo = 0.0 if r.min() >= 0 else -1.0
-        tr = _transforms(float(ukeys[g, 0]), float(ukeys[g, 1]),
-                         _bucket(a.max()), _bucket(b.max()), rho_lo)
-        pkey, pinv = np.unique(a.astype(np.int64) * (1 << 31) + b.astype(np.int64),
-                               return_inverse=True)
-        pinv = pinv.ravel()
-        pairs = np.stack([pkey >> 31, pkey & ((1 << 31) - 1)], axis=1).astype(np.float64)
-        un1, n1inv = np.unique(pairs[:, 0], return_inverse=True)
-        n1inv = n1inv.ravel()
-        Ft, Fq = _node_moments(tr, pairs, un1, n1inv,
-                               (float(ukeys[g, 0]), float(ukeys[g, 1]), rho_lo, pkey.tobytes()))
-        C = _barycentric(r, rho_lo)
-        ft = np.einsum("ik,ik->i", C, Ft[pinv])
-        fq = np.einsum("ik,ik->i", C, Fq[pinv])
+        quad = _quadrature(g1, g2, _bucket(a.max()), _bucket(b.max()), rho_lo)
+        ft, fq = quad.fluctuations(a, b, r)
         T[sel] = (1.0 + ft) / b
         Q[sel] = (fq + 1.0 - 1.0 / a) / b
     # exact limits
