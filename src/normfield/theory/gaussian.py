@@ -80,13 +80,14 @@ def _table(name, q):
 
 def pair_expectations(name: str, q1, q2, c):
     """(E[phi(u) phi(v)], E[phi'(u) phi'(v)]) for covariance [[q1, c], [c, q2]]."""
-    q1, q2, c = np.broadcast_arrays(np.asarray(q1, float), np.asarray(q2, float), np.asarray(c, float))
+    q1, q2, c = (np.asarray(x, float) for x in (q1, q2, c))
     norm = np.sqrt(np.maximum(q1 * q2, 1e-300))
     rho = np.clip(c / norm, -1.0, 1.0)
     if name == "relu":
         t = np.arccos(rho)
-        kf = norm * (np.sin(t) + (np.pi - t) * rho) / (2 * np.pi)
-        return kf, (np.pi - t) / (2 * np.pi)
+        rest = np.pi - t
+        return norm * (np.sin(t) + rest * rho) / (2 * np.pi), rest / (2 * np.pi)
+    q1, q2, rho = np.broadcast_arrays(q1, q2, rho)
     q_all = np.concatenate([q1.ravel(), q2.ravel()])
     if np.ptp(q_all) <= 1e-6 * np.max(q_all):
         grid, kf, kd = _table(name, float(f"{np.mean(q_all):.9g}"))

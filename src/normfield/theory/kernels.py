@@ -21,8 +21,10 @@ class Blocks:
     w: np.ndarray
     c: np.ndarray
 
-    def __add__(self, other: "Blocks") -> "Blocks":
-        return Blocks(self.w + other.w, self.c + other.c)
+    def __add__(self, other) -> "Blocks":
+        if isinstance(other, Blocks):
+            return Blocks(self.w + other.w, self.c + other.c)
+        return Blocks(self.w + other, self.c + other)
 
     def __mul__(self, factor) -> "Blocks":
         if isinstance(factor, Blocks):
@@ -55,4 +57,6 @@ def pair_sum(k: Blocks, g: Blocks, batch_size: int) -> float:
 
 def cosine(k: Blocks) -> Blocks:
     """Kernel of the normalized vectors, K(i, j) / sqrt(K(i, i) K(j, j))."""
-    return k.map(lambda blk, di, dj: blk / np.sqrt(np.maximum(di * dj, 1e-300)))
+    d = k.diag
+    norm = np.sqrt(np.maximum(d[:, None] * d[None, :], 1e-300))
+    return Blocks(k.w / norm, k.c / norm)

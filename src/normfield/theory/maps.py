@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normfield.theory import gaussian
-from normfield.theory.kernels import Blocks, pair_sum
+from normfield.theory.kernels import Blocks, cosine, pair_sum
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ class Point:
 
 
 def linear_forward(x: Point, var_w: float, var_b: float, fan_out: int) -> Point:
-    n = x.k.w.shape[0]
-    k = x.k * (var_w * x.width) + Blocks.full(n, var_b, var_b)
+    k = x.k * (var_w * x.width) + float(var_b)
     return Point(k, k * (1.0 / fan_out), fan_out)
 
 
@@ -64,14 +63,14 @@ def bias_grad_sq(g: Blocks, fan_out: int, batch_size: int) -> float:
 
 def activation_forward(u: Point, name: str) -> tuple[Point, Blocks]:
     """Returns the output point and E[phi'(u_i) phi'(u_j)] (the backward factor)."""
-    pairs = [u.k.map(lambda blk, di, dj, i=i: gaussian.pair_expectations(name, di, dj, blk)[i])
-             for i in (0, 1)]
-    k, dk = pairs
-    mu = gaussian.mean(name, u.k.diag)
+    d = u.k.diag
+    (kw, dkw), (kc, dkc) = (gaussian.pair_expectations(name, d[:, None], d[None, :], blk)
+                            for blk in (u.k.w, u.k.c))
+    mu = gaussian.mean(name, d)
     mm = np.outer(mu, mu)
-    means = Blocks(mm, mm)
-    m = means + (k + means * -1.0) * (1.0 / u.width)
-    return Point(k, m, u.width), dk
+    inv = 1.0 / u.width
+    m = Blocks(mm + (kw - mm) * inv, mm + (kc - mm) * inv)
+    return Point(Blocks(kw, kc), m, u.width), Blocks(dkw, dkc)
 
 
 def _norm_stats(x: Point, kind: str, eps: float):
@@ -107,12 +106,13 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
         m2 = np.diag(x.m.w)
         c = np.maximum(x.k.diag - m2, 1e-300)
         p, k = 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
-    rho = y.k.map(lambda blk, di, dj: blk / np.sqrt(np.maximum(di * dj, 1e-300)))
+    rho = cosine(y.k)
     ki, kj = k[:, None], k[None, :]
+    base, root = 1.0 + 0.75 / ki + 0.75 / kj, np.sqrt(ki * kj)
 
     def factor(r):
-        jensen = 1.0 + 0.75 / ki + 0.75 / kj + 0.5 * r ** 2 / np.sqrt(ki * kj)
-        return (d - p - 1 + r ** 2) / d * jensen
+        r2 = r * r
+        return (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
 
     fac = Blocks(factor(rho.w), factor(rho.c))
     np.fill_diagonal(fac.w, (d - p) / d * k / (k - 2))
