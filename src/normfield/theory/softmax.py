@@ -65,6 +65,7 @@ sharing one (v1, v2) and a few (n1, n2) pairs once the transforms are cached
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -288,10 +289,12 @@ _PAIR_SETS = 16     # (n1, n2) pair sets whose node moments a _Quadrature keeps
 
 def _bucket(n):
     """Round a size up to a power of two (>= 4) so cached transforms are reused."""
-    return int(max(4, 1 << int(np.ceil(np.log2(max(n, 1.0)) - 1e-9))))
+    return int(max(4, 1 << math.ceil(math.log2(max(n, 1.0)) - 1e-9)))
 
 
+@functools.lru_cache(maxsize=None)
 def _rho_nodes(rho_lo):
+    """Chebyshev-Lobatto nodes on [rho_lo, 1] and their barycentric weights (read-only)."""
     k = np.arange(_N_RHO)
     t = np.cos(np.pi * k / (_N_RHO - 1))[::-1]         # -1 .. 1, includes 0
     nodes = rho_lo + (1.0 - rho_lo) * (t + 1.0) / 2.0
@@ -299,6 +302,7 @@ def _rho_nodes(rho_lo):
     bw = (-1.0) ** k
     bw[0] *= 0.5
     bw[-1] *= 0.5
+    nodes.flags.writeable = bw.flags.writeable = False
     return nodes, bw
 
 
@@ -382,14 +386,31 @@ class _Quadrature:
     def fluctuations(self, n1, n2, rho):
         """Fluctuation parts (ft, fq) of every entry: the node moments of its (n1, n2),
         interpolated in rho."""
-        pkey, at = np.unique(n1.astype(np.int64) * (1 << 31) + n2.astype(np.int64),
-                             return_inverse=True)
-        pairs = np.stack([pkey >> 31, pkey & ((1 << 31) - 1)], axis=1).astype(np.float64)
+        pairs, at = _distinct_pairs(n1, n2)
         C = _barycentric(rho, self.rho_lo)
-        return _interpolate(C, self.node_moments(pairs), at.ravel())
+        return _interpolate(C, self.node_moments(pairs), at)
 
 
 _quadrature = functools.lru_cache(maxsize=128)(_Quadrature)
+
+
+def _distinct_pairs(n1, n2):
+    """The distinct (n1, n2) pairs in lexicographic order, a float (P, 2) array, and each
+    entry's row in it: ``np.unique`` on a pair key, by a presence table when the keys span a
+    small range (sizes up to a sequence length)."""
+    b = n2.astype(np.int64)
+    m = int(b.max()) + 1
+    key = n1.astype(np.int64) * m + b
+    lo, hi = int(key.min()), int(key.max())
+    if hi - lo > 8 * key.size + 1024:
+        values, at = np.unique(key, return_inverse=True)
+        at = at.ravel()
+    else:
+        seen = np.zeros(hi - lo + 1, bool)
+        seen[key - lo] = True
+        values = np.flatnonzero(seen) + lo
+        at = (np.cumsum(seen) - 1)[key - lo]
+    return np.stack(np.divmod(values, m), axis=1).astype(np.float64), at
 
 
 _WEIGHT_MEMO: dict = {}
