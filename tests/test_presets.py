@@ -182,7 +182,8 @@ def test_bert():
     a = presets.bert(**SMALL)
     assert (a.placement, a.has_final_norm, a.activation, a.positions, a.mask) == (
         "post", False, "gelu", "learned", "bidirectional")
-    assert a.tied_head and a.bias and a.norm_eps == 1e-12
+    assert a.tied_head and a.bias and a.norm_eps == 1e-12 and a.embed_norm
+    assert shapes(a)["embed_norm.scale"] == (D,)  # BertEmbeddings.LayerNorm
     for g in ("embed.tok", "embed.pos", "attn.v", "attn.o", "ffn.w1", "ffn.w2"):
         assert std(a, g) == pytest.approx(0.02)
         assert a.bias_init(g).std == 0.0

@@ -125,7 +125,7 @@ def test_vmap_over_seeds_equals_loop_over_one_seed():
         _sq_close(name, values, expect, prof.per_seed_sq)
         if name not in ZERO_GRAD:
             np.testing.assert_allclose(prof.grads[name], np.sqrt(expect.mean(axis=0)), rtol=1e-5)
-    stats = np.stack([st for _, st in loop])  # (seeds, depth + 1, 3)
+    stats = np.stack([st[""] for _, st in loop])  # (seeds, depth + 1, 3)
     np.testing.assert_allclose(prof.activations["sq_norm"], stats[:, :, 0].mean(0), rtol=1e-5)
     np.testing.assert_allclose(prof.activations["cos_within"], stats[:, :, 1].mean(0),
                                rtol=1e-4, atol=1e-6)

@@ -150,6 +150,8 @@ def ref_loss(arch, P, tokens, targets, with_stats=False):
         x = x + ref_sinusoidal(arch.seq_len, arch.d_model)
     elif arch.positions == "learned":
         x = x + P["embed.pos"]
+    if arch.embed_norm:
+        x = ref_norm(arch, x, P["embed_norm.scale"])
     stats = [ref_stats(x)] if with_stats else []
     for layer in range(arch.depth):
         p = {k: v[layer] for k, v in P["layers"].items()}
@@ -176,7 +178,7 @@ CONFIGS = {
     "peri_swiglu": dict(placement="peri", depth=2, activation="swiglu", mask="causal", bias=True,
                         norm_eps=0.2),
     "deepnorm": dict(placement="deepnorm", depth=3, activation="gelu_tanh", positions="learned",
-                     bias=True, final_norm=True),
+                     bias=True, final_norm=True, embed_norm=True),
     "normformer_geglu": dict(placement="normformer", depth=2, norm="rmsnorm", activation="geglu",
                              positions="none"),
     "mixln": dict(placement="mixln", depth=3, placement_options=(("post_fraction", 0.5),),
@@ -236,7 +238,7 @@ def make_case(name, seed=0):
     with jax.default_matmul_precision("highest"):
         (loss, stats), grads = f(P32, jnp.asarray(tokens), jnp.asarray(targets))
     grads = jax.tree_util.tree_map(np.asarray, grads)
-    return arch, P32, P64, tokens, targets, float(loss), np.asarray(stats, np.float64), grads
+    return arch, P32, P64, tokens, targets, float(loss), np.asarray(stats[""], np.float64), grads
 
 
 # ---- tests --------------------------------------------------------------------------------------

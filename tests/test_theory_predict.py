@@ -90,3 +90,18 @@ def test_encoder_gradient_flows_only_through_cross_attention_keys_and_values():
     assert np.all(prof["dec.ffn.w2"] > 0)
     full = predict(arch.replace(init=Init()))
     assert np.all(full["enc.ffn.w2"] > 0)
+
+
+def test_embedding_norm_makes_the_network_invariant_to_the_embedding_scale():
+    # LN(c x) = LN(x) for eps = 0, so with only token embeddings (no positions) every gradient
+    # but the token embedding's is independent of c, and dL/dE = c J_LN(cx)^T g = J_LN(x)^T g
+    # is too: the theory's norm maps must reproduce this exactly
+    base = Arch(depth=2, placement="post", embed_norm=True, positions="none", norm_eps=0.0,
+                **SMALL)
+    one, three = predict(base), predict(base.replace(embed_scale=3.0))
+    assert one.activations["sq_norm"][0] == pytest.approx(1.0, rel=1e-9)  # LayerNorm output
+    assert one["embed_norm.scale"].shape == (1,) and one["embed_norm.scale"][0] > 0
+    for name in one.names:
+        np.testing.assert_allclose(three[name], one[name], rtol=1e-9, err_msg=name)
+    plain = predict(base.replace(embed_norm=False, embed_scale=3.0))
+    assert abs(plain["embed.tok"][0] / three["embed.tok"][0] - 1) > 0.1  # without it c matters

@@ -151,6 +151,7 @@ class Arch:
     mask: str = "bidirectional"
     positions: str = "sinusoidal"
     embed_scale: float = 1.0
+    embed_norm: bool = False
     tied_head: bool = False
     final_norm: bool | None = None
     bias: bool = False
@@ -188,7 +189,7 @@ class Arch:
             if not self.qk_norm:
                 _fail("qk_temperature", self.qk_temperature,
                       "None unless qk_norm=True (the temperature multiplies the query-key cosine)")
-        for flag in ("tied_head", "bias", "qk_norm"):
+        for flag in ("tied_head", "bias", "qk_norm", "embed_norm"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "True or False")
         if self.final_norm not in (None, True, False):

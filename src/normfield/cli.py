@@ -50,6 +50,8 @@ HELP: dict[str, str] = {
     "mask": "attention mask: bidirectional (encoder) or causal (decoder)",
     "positions": "position encoding added to the token embeddings",
     "embed_scale": "constant multiplying the token embeddings (> 0)",
+    "embed_norm": "normalize the embedding sum (token + position) before the first block "
+                  "(BERT's embedding LayerNorm)",
     "tied_head": "tie the output head to the token embedding",
     "final_norm": "norm after the last block: auto = the placement's own default "
                   "(none for post/deepnorm, a final norm for pre-norm-style placements)",
@@ -59,6 +61,9 @@ HELP: dict[str, str] = {
                       "instead of q.k/sqrt(d_head)",
     "tokens": "distribution of the iid input tokens and targets",
     "zipf_exponent": "exponent s of the Zipf token distribution p(k) ~ k^-s (with --tokens zipf)",
+    "decoder_depth": "decoder blocks of an encoder-decoder (0: a single stack of depth blocks; "
+                     ">0: depth encoder blocks, then decoder_depth decoder blocks with "
+                     "cross-attention)",
     "placement_options": "placement-specific constant, NAME=VALUE, repeatable: "
                          + "; ".join(f"{n}: {', '.join(s.options)}"
                                      for n, s in PLACEMENTS.items() if s.options),

@@ -9,7 +9,7 @@ the `Arch`'s ``ValueError``.
 The presets reproduce what the reference code does at initialization: where each norm sits,
 activation, positional encoding, tied embeddings, biases and the std of every parameter group
 (see each docstring for the exact values, and ``/work/shared/REFERENCES.md``).  Parts of a real
-model that normfield does not model (BERT's embedding LayerNorm and MLM transform, dropout,
+model that normfield does not model (BERT's token-type embedding and MLM transform, dropout,
 ...) are named in the docstrings.
 
 ``seq_len`` defaults to 128 for every preset (not the models' context lengths, 512-2048), and
@@ -179,7 +179,8 @@ def bert(depth: int = 12, d_model: int = 768, n_heads: int = 12, seq_len: int = 
          **overrides) -> Arch:
     """BERT-base as in Hugging Face ``BertForMaskedLM`` (Devlin et al. 2019).
 
-    Post-LN, no final LayerNorm, LayerNorm eps 1e-12; learned positions
+    Post-LN, no final LayerNorm, LayerNorm eps 1e-12 (also on the embedding LayerNorm applied
+    to the sum of token and position embeddings before the first layer); learned positions
     (``max_position_embeddings`` 512; ``seq_len`` defaults to 128 here); exact (erf) GELU;
     bidirectional; biases; MLM decoder tied to the word embedding; d 768, 12 heads, 12 layers,
     d_ff 3072 (``4 d``), WordPiece vocabulary 30522.
@@ -187,15 +188,16 @@ def bert(depth: int = 12, d_model: int = 768, n_heads: int = 12, seq_len: int = 
     Initialization (``BertPreTrainedModel._init_weights``, ``initializer_range=0.02``): every
     weight and embedding ``N(0, 0.02)`` (no residual scaling), biases 0.
 
-    Not modelled: the embedding LayerNorm (applied to token + position + segment embeddings
-    before the first layer), the token-type (segment) embedding, and the MLM transform head
-    (dense + GELU + LayerNorm before the tied decoder, and its output bias).
+    Not modelled: the token-type (segment) embedding (all-zero segment ids add one row of
+    ``N(0, 0.02)`` to every token), and the MLM transform head (dense + GELU + LayerNorm before
+    the tied decoder, and its output bias).
     """
     return _build(dict(
         depth=depth, placement="post", d_model=d_model, n_heads=n_heads,
         d_ff=4 * d_model if d_ff is None else d_ff, seq_len=seq_len, batch_size=batch_size,
         vocab_size=vocab_size, norm="layernorm", norm_eps=1e-12, activation="gelu",
-        mask="bidirectional", positions="learned", tied_head=True, final_norm=False, bias=True,
+        mask="bidirectional", positions="learned", embed_norm=True, tied_head=True,
+        final_norm=False, bias=True,
         init=Init(scheme="normal", std=0.02)), overrides)
 
 

@@ -58,12 +58,14 @@ def _init_one(arch, name: str, shape, key, stack=None):
 
 def global_params(arch) -> tuple[str, ...]:
     """Names of the non-layer parameters of `arch` (per stack: token and learned position
-    embeddings, final norm; then the untied head)."""
+    embeddings, embedding norm, final norm; then the untied head)."""
     names = []
     for st in stacks(arch):
         names.append(st.prefix + "embed.tok")
         if arch.positions == "learned":
             names.append(st.prefix + "embed.pos")
+        if arch.embed_norm:
+            names.append(st.prefix + "embed_norm.scale")
         if arch.has_final_norm:
             names.append(st.prefix + "final_norm.scale")
     if not arch.tied_head:
@@ -242,6 +244,8 @@ def embed(arch, params, tokens, prefix=""):
         x = x + jnp.asarray(sinusoidal_positions(arch.seq_len, arch.d_model), jnp.float32)
     elif arch.positions == "learned":
         x = x + params[prefix + "embed.pos"]
+    if arch.embed_norm:
+        x = _norm(arch, x, params[prefix + "embed_norm.scale"])
     return x
 
 

@@ -223,7 +223,10 @@ class _StackRun:
         self.blocks = [_Block(arch, block(arch, l, stack), masks, method, stack)
                        for l in range(stack.depth)]
         self.store = stack.depth * len(self.blocks[0].steps) * 4 * n * n * 8 < STORE_LIMIT_BYTES
-        x = embedding_point(arch)
+        x = self.embedded = embedding_point(arch)
+        if arch.embed_norm:
+            x = norm_forward(x, arch.norm, arch.norm_eps)
+        self.embed_out = x
         self.inputs, self.kept, self.stats = [], [], [stream_stats(x)]
         for blk in self.blocks:
             self.inputs.append(x)
@@ -236,8 +239,9 @@ class _StackRun:
 
     def backward(self, arch: Arch, g: Blocks, grads_sq: dict) -> tuple[Blocks, Blocks | None]:
         """Backward from the gradient kernel `g` at `out`: fills `grads_sq` with the stack's
-        (prefixed) per-layer and final-norm entries; returns the gradient kernels at the
-        embedding output and at the memory (summed over the blocks)."""
+        (prefixed) per-layer, final-norm and embedding-norm entries; returns the gradient
+        kernels at the embedding sum (before the embedding norm, if any) and at the memory
+        (summed over the blocks)."""
         b, pre = arch.batch_size, self.stack.prefix
         if arch.has_final_norm:
             grads_sq[pre + "final_norm.scale"] = np.array([gain_grad_sq(self.out, g, b)])
@@ -252,6 +256,9 @@ class _StackRun:
                 g_mem = g_m if g_mem is None else g_mem + g_m
         for name in per_layer[0]:
             grads_sq[pre + name] = np.array([layer[name] for layer in per_layer])
+        if arch.embed_norm:
+            grads_sq[pre + "embed_norm.scale"] = np.array([gain_grad_sq(self.embed_out, g, b)])
+            g = norm_backward(self.embedded, self.embed_out, g, arch.norm, arch.norm_eps)
         return g, g_mem
 
 
