@@ -88,6 +88,8 @@ def variant(arch: Arch) -> str:
         tags.append(arch.norm)
     if arch.positions != "sinusoidal":
         tags.append(arch.positions)
+    if arch.embed_norm:
+        tags.append("embnorm")
     if arch.qk_norm:
         tags.append("qknorm" if arch.qk_temperature is None else f"qknorm{arch.qk_temperature:g}")
     if arch.init.scheme != "xavier_normal":
