@@ -57,9 +57,10 @@ relative for n1 in {4..256}, n2/n1 in {1, 2, 4}, v in [0.1, 3], rho in
 ``rho = 0`` vocabulary-size rows, where the Q fluctuation is ~1e-5 of Q and
 the absolute error is < 3e-6 |Q|.
 
-Cost: dominated by unique (n1, n2, v1, v2) values: ~30 ms for 20,000 tuples
-sharing one (v1, v2) and a few (n1, n2) pairs once the transforms are cached
-(~160 ms cold); ~0.5-1 s for thousands of distinct (n1, n2) pairs.
+Cost: dominated by unique (n1, n2, v1, v2) values: ~1.5-3 ms for 16,384
+tuples sharing one (v1, v2) and one (n1, n2) pair once the transforms are
+cached (one core; ~20 ms more per new (v1, v2)); ~0.5-1 s for thousands of
+distinct (n1, n2) pairs at new variances.
 """
 
 from __future__ import annotations
