@@ -36,6 +36,7 @@ fluctuations, so their blocks keep only the mean-attention terms.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -61,22 +62,28 @@ class Mask:
         allowed = np.arange(n)[None, :] < row_len[:, None]
         return Mask(row_len, allowed / row_len[:, None])
 
-    @property
+    @cached_property
     def full(self) -> bool:
         """Every query sees every key (bidirectional): Abar = 1 1^T / n."""
         return bool(np.all(self.row_len == self.row_len.shape[0]))
 
+    @staticmethod
+    def _column_means(x: np.ndarray) -> np.ndarray:
+        """``x.mean(axis=0)`` (the same sum and division) broadcast to x's shape, without
+        np.mean's Python-level overhead."""
+        return np.broadcast_to(np.add.reduce(x, axis=0) / x.shape[0], x.shape)
+
     def left(self, x: np.ndarray) -> np.ndarray:
         """``Abar @ x`` in O(n^2): row i is the mean of the first row_len[i] rows of x."""
         if self.full:
-            return np.broadcast_to(x.mean(axis=0), x.shape)
+            return self._column_means(x)
         return np.cumsum(x, axis=0)[self.row_len - 1] / self.row_len[:, None]
 
     def left_t(self, x: np.ndarray) -> np.ndarray:
         """``Abar.T @ x`` in O(n^2): row j sums x_i / row_len[i] over the rows i that see key j."""
         n = x.shape[0]
         if self.full:
-            return np.broadcast_to(x.mean(axis=0), x.shape)
+            return self._column_means(x)
         by_len = np.zeros((n + 1,) + x.shape[1:])
         np.add.at(by_len, self.row_len, x / self.row_len[:, None])
         return np.cumsum(by_len[::-1], axis=0)[::-1][1:]
@@ -259,9 +266,9 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     spec = spec or HeadSpec(d_head=width)
     n = kx.w.shape[0]
     kx_kv = kx if kx_memory is None else kx_memory
-    kq = kx * (var_q * width) + Blocks.full(n, bias_var[0], bias_var[0])
-    kk = kx_kv * (var_k * width) + Blocks.full(n, bias_var[1], bias_var[1])
-    kv = kx_kv * (var_v * width) + Blocks.full(n, bias_var[2], bias_var[2])
+    kq = kx * (var_q * width) + float(bias_var[0])
+    kk = kx_kv * (var_k * width) + float(bias_var[1])
+    kv = kx_kv * (var_v * width) + float(bias_var[2])
     raw_q = raw_k = None
     if spec.qk_norm:
         raw_q, raw_k = kq, kk

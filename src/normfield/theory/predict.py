@@ -41,10 +41,15 @@ class _Block:
         self.phi = GATED_ACTIVATIONS.get(arch.activation, arch.activation)
         self.heads = attention.HeadSpec(arch.d_head, arch.positions == "rope", arch.qk_norm,
                                         arch.norm_eps, arch.qk_temperature)
+        self._vars: dict[str, tuple[float, float]] = {}
 
     def _var(self, name: str) -> tuple[float, float]:
-        var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
-        return self.arch.param_init(name, self.stack).std ** 2, var_b
+        """(weight variance, bias variance) of a parameter, resolved once per block (the
+        forward and backward passes ask for each several times)."""
+        if name not in self._vars:
+            var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
+            self._vars[name] = (self.arch.param_init(name, self.stack).std ** 2, var_b)
+        return self._vars[name]
 
     def _attention_mask(self, s) -> attention.Mask:
         kind = "bidirectional" if isinstance(s, CrossAttention) else (s.mask or self.arch.mask)
