@@ -99,4 +99,5 @@ def caption(ctx, depth, depths, profiles, scaling) -> str:
     return (f"Per-layer FFN gradient norms of the {depth}-{depth} encoder-decoder, "
             f"d={arch.d_model}, heads {arch.n_heads}, d_ff={arch.d_ff}, seq {arch.seq_len}, "
             f"batch {arch.batch_size}, {ctx.seeds} probe seeds, iid uniform tokens (the paper: "
-            "real IWSLT14 sentences). " + "; ".join(parts) + ".")
+            "real IWSLT14 sentences, and its Figure 3 shows roughly 20x growth of Post-LN's W1 "
+            "from layer 1 to 6). " + "; ".join(parts) + ".")
