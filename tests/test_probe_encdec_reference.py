@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_probe_reference import (FAST_COMPILE, ref_linear, ref_norm, ref_phi, ref_sinusoidal,
-                                  ref_stats)
+from test_probe_reference import (FAST_COMPILE, perturb_norms_and_biases, ref_linear,
+                                  ref_norm, ref_phi, ref_sinusoidal, ref_stats)
 
 from normfield.arch import Arch
 from normfield.probe.measure import measure_grad_norms, sample_batch
@@ -179,19 +179,8 @@ def perturbed_case(name):
     the same numbers in float64 for the reference."""
     arch, draw, _ = compiled(name)
     params, (tokens, targets) = draw(seed_keys()[0])
-    rng = np.random.default_rng(11)
-
-    def perturb(path, a):
-        key = jax.tree_util.keystr(path)
-        a = np.asarray(a, np.float64)
-        if key.endswith(".scale']"):
-            return a + 0.3 * rng.standard_normal(a.shape)
-        if key.endswith(".bias']"):
-            return a + 0.2 * rng.standard_normal(a.shape)
-        return a
-
-    P32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
-                                 jax.tree_util.tree_map_with_path(perturb, params))
+    perturbed = perturb_norms_and_biases(params, np.random.default_rng(11))
+    P32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), perturbed)
     P64 = _f64(P32)
     loss, stats, grads = jax_loss_grad(name, P32, tokens, targets)
     return arch, P32, P64, tokens, targets, loss, stats, grads

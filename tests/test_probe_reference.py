@@ -189,6 +189,20 @@ CONFIGS = {
 }
 
 
+def perturb_norms_and_biases(params, rng):
+    """`params` in float64 with the norm gains and biases moved off their init values (1 and 0)
+    so that they matter."""
+    def perturb(path, a):
+        key = jax.tree_util.keystr(path)
+        a = np.asarray(a, np.float64)
+        if key.endswith(".scale']"):
+            return a + 0.3 * rng.standard_normal(a.shape)
+        if key.endswith(".bias']"):
+            return a + 0.2 * rng.standard_normal(a.shape)
+        return a
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
 FROM_INIT_PARAMS = ("post", "pre")  # the others draw numpy weights (saves XLA compile time)
 
 
@@ -218,16 +232,7 @@ def make_case(name, seed=0):
     else:
         params = numpy_params(arch, rng)
 
-    # move norm gains and biases off their init values (1 and 0) so that they matter
-    def perturb(path, a):
-        key = jax.tree_util.keystr(path)
-        a = np.asarray(a, np.float64)
-        if key.endswith(".scale']"):
-            return a + 0.3 * rng.standard_normal(a.shape)
-        if key.endswith(".bias']"):
-            return a + 0.2 * rng.standard_normal(a.shape)
-        return a
-    P64 = jax.tree_util.tree_map_with_path(perturb, params)
+    P64 = perturb_norms_and_biases(params, rng)
     P32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), P64)
     P64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32).astype(np.float64), P32)
     shape = (arch.batch_size, arch.seq_len)
