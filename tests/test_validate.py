@@ -28,9 +28,12 @@ def test_rows_summary_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "measure_grad_norms", measure)
     archs = [Arch(placement="pre", **TINY), Arch(placement="post", **TINY)]
     rows = validate.run_grid(archs, seeds=2, out=str(tmp_path))
-    # theory / measured - 1 = 1/1.25 - 1 = -0.2 for every parameter and layer
-    errs = np.array([r["rel_err"] for r in rows])
+    # theory / measured - 1 = 1/1.25 - 1 = -0.2 for every parameter and layer; the stream
+    # statistics were left equal to the theory's
+    errs = np.array([r["rel_err"] for r in rows if not r["param"].startswith("stream.")])
     assert np.allclose(errs[np.isfinite(errs)], -0.2)
+    stream = np.array([r["rel_err"] for r in rows if r["param"].startswith("stream.")])
+    assert len(stream) == 2 * 3 * 3 and np.allclose(stream, 0.0)  # 2 archs, 3 stats, 3 points
     assert {r["placement"] for r in rows} == {"pre", "post"}
     table = validate.summarize(rows)
     assert "20.00%" in table and "post" in table and "pre" in table
@@ -76,3 +79,31 @@ def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
     for bad in ("3/3", "x", "1/0"):
         with pytest.raises(ValueError, match="shard="):
             validate.parse_shard(bad)
+
+
+def test_stream_rows_compare_norms_and_distance_from_collapse():
+    arch = Arch(placement="post", **TINY)
+    theory = predict(arch)
+    measured = predict(arch)
+    measured.source = "probe"
+    measured.stderr = {k: 0.0 * v for k, v in measured.grads.items()}
+    measured.activations = {"sq_norm": 2.0 * theory.activations["sq_norm"],
+                            "cos_within": 1.0 - 4.0 * (1.0 - theory.activations["cos_within"]),
+                            "cos_across": theory.activations["cos_across"]}
+    measured.activations_stderr = {k: np.full(3, 0.01) for k in measured.activations}
+    rows = {(r["param"], r["layer"]): r for r in validate.compare(theory, measured)}
+    for point in range(3):
+        assert rows["stream.sq_norm", point]["rel_err"] == pytest.approx(-0.5)
+        assert rows["stream.1-cos_within", point]["rel_err"] == pytest.approx(-0.75)
+        assert rows["stream.1-cos_across", point]["rel_err"] == pytest.approx(0.0, abs=1e-12)
+        one_minus_cos = 4.0 * (1.0 - theory.activations["cos_within"][point])
+        assert rows["stream.1-cos_within", point]["rel_se"] == pytest.approx(0.01 / one_minus_cos)
+    assert "residual stream" in validate.summarize(list(rows.values()))
+
+
+def test_encoder_decoder_stream_rows_carry_the_stack_prefix():
+    arch = Arch(placement="pre", decoder_depth=2, **TINY)
+    prof = predict(arch)
+    prof.stderr = {k: 0.0 * v for k, v in prof.grads.items()}
+    names = {r["param"] for r in validate.compare(prof, prof)}
+    assert {"enc.stream.sq_norm", "dec.stream.1-cos_within", "dec.cross_attn.k"} <= names

@@ -108,20 +108,40 @@ def config_name(arch: Arch) -> str:
             f"-n{arch.seq_len}-b{arch.batch_size}")
 
 
+STREAM_STATS = {"sq_norm": "stream.sq_norm", "cos_within": "stream.1-cos_within",
+                "cos_across": "stream.1-cos_across"}
+
+
+def _row(a: Arch, name: str, group: str, layer: int, t: float, m: float, se: float) -> dict:
+    return {"config": config_name(a), "placement": a.placement, "mask": a.mask,
+            "activation": a.activation, "variant": variant(a), "depth": a.depth,
+            "d_model": a.d_model, "seq_len": a.seq_len, "param": name, "group": group,
+            "layer": layer, "theory": float(t), "measured": float(m),
+            "rel_err": float(t / m - 1.0), "rel_se": float(se / m)}
+
+
 def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
-    """One row per (parameter, layer): relative error and relative standard error."""
+    """One row per (parameter, layer): relative error and relative standard error; then one
+    row per residual-stream point for E||x||^2/d and for 1 - cosine (within and across
+    sequences; the distance from collapse, the quantity the attention gradients follow),
+    named ``stream.*`` (``enc.stream.*``, ``dec.stream.*``; `layer` = stream point)."""
     a = measured.arch
     rows = []
     for name, values in measured.grads.items():
         if name not in theory.grads or name.endswith(".bias"):
             continue
         for layer, (t, m, se) in enumerate(zip(theory.grads[name], values, measured.stderr[name])):
-            rows.append({"config": config_name(a), "placement": a.placement, "mask": a.mask,
-                         "activation": a.activation, "variant": variant(a), "depth": a.depth, "d_model": a.d_model,
-                         "seq_len": a.seq_len, "param": name, "group": group_of(name),
-                         "layer": layer,
-                         "theory": float(t), "measured": float(m),
-                         "rel_err": float(t / m - 1.0), "rel_se": float(se / m)})
+            rows.append(_row(a, name, group_of(name), layer, t, m, se))
+    for key, values in measured.activations.items():
+        stat = next((s for s in STREAM_STATS if key.endswith(s)), None)
+        prefix = key[: -len(stat)] if stat else ""
+        errs = (measured.activations_stderr or {}).get(key, np.full(len(values), np.nan))
+        for point, (t, m, se) in enumerate(zip(theory.activations[key], values, errs)):
+            if stat != "sq_norm":
+                t, m = 1.0 - t, 1.0 - m
+            if np.isfinite(m) and m > 0:
+                rows.append(_row(a, prefix + STREAM_STATS[stat], STREAM_STATS[stat], point,
+                                 t, m, se))
     return rows
 
 
@@ -179,6 +199,18 @@ def summarize(rows: list[dict]) -> str:
             lines.append(f"{placement:10s} {mask:13s} {var:14s} {' '.join(params):24.24s} "
                          f"{len(sel):5d} {100 * med:6.2f}% {100 * p95:6.2f}% {100 * worst:6.2f}% "
                          f"{100 * se:6.2f}%")
+    lines.append("")
+    lines.append("residual stream (median / worst |error| over the stream points, %):")
+    for placement, mask, var in keys:
+        cells = []
+        for stat in STREAM_STATS.values():
+            sel = [r for r in rows if (r["placement"], r["mask"], r["variant"])
+                   == (placement, mask, var) and r["group"] == stat]
+            if sel:
+                med, _, worst, _ = _stats(sel)
+                cells.append(f"{stat[len('stream.'):]} {100 * med:5.1f}/{100 * worst:5.1f}")
+        if cells:
+            lines.append(f"  {placement:10s} {mask:13s} {var:14s} " + "  ".join(cells))
     lines.append("")
     lines.append("per parameter and depth (median / worst |error|, %):")
     for placement, param in sorted({(r["placement"], r["param"]) for r in rows}):
