@@ -306,12 +306,17 @@ def scaled_pre_ln(arch, layer: int, stack: Stack) -> tuple:
 
 @dataclass(frozen=True)
 class PlacementSpec:
+    """A placement: ``block(arch, layer, stack) -> steps``; whether it has a final norm by
+    default; the names of its ``Arch.placement_options``; an optional init rule
+    ``init_gains(arch, stack) -> {group: gain}``; and whether it defines the blocks of an
+    encoder-decoder's two stacks."""
+
     name: str
     block: Callable
     final_norm: bool
     options: tuple[str, ...] = ()
     init_gains: Callable | None = None
-    encoder_decoder: bool = True  # defines the blocks of an encoder-decoder's two stacks
+    encoder_decoder: bool = True
 
 
 PLACEMENTS = {
