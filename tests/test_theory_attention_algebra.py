@@ -45,3 +45,18 @@ def test_spread_by_set_matches_its_definition():
             m = n1[i, i2]
             want[:m, :m] += weights[i, i2] * (np.eye(m) - 1.0 / m)
     np.testing.assert_allclose(attention._spread_by_set(weights, n1), want, atol=1e-12)
+
+
+def test_bidirectional_query_term_keeps_its_precision_near_collapse():
+    # collapsed tokens: K = 1 + eps E with eps = 1e-7 (1 - cosine ~ 1e-7, as deep Post-LN reaches).
+    # The query term is exactly eps^2 mean(E_k D(E_v)) (D: double centring; the 1 and the eps
+    # terms cancel identically), ~1e-14: computed from the O(1) kernels it must keep the
+    # precision with which K represents E (~1e-16 / eps = 1e-9), not drown in rounding of 1.
+    n, eps = 8, 1e-7
+    rng = np.random.default_rng(3)
+    mask = attention.Mask.build("bidirectional", n)
+    e_k, e_v = rng.normal(size=(n, n)), rng.normal(size=(n, n))
+    d_v = e_v - e_v.mean(axis=1, keepdims=True) - e_v.mean(axis=0, keepdims=True) + e_v.mean()
+    exact = np.mean(e_k * d_v)
+    term = attention._mean_query_term(mask, 1.0 + eps * e_k, 1.0 + eps * e_v) / eps ** 2
+    np.testing.assert_allclose(term, exact, rtol=1e-5)

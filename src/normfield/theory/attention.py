@@ -151,9 +151,19 @@ def _spread_by_set(weights: np.ndarray, n1: np.ndarray) -> np.ndarray:
     return np.diag(suffix) - u[np.maximum(idx[:, None], idx[None, :])]
 
 
+def _double_centred(k: np.ndarray) -> np.ndarray:
+    """``k`` minus its row means and column means plus its grand mean."""
+    return k - k.mean(axis=1, keepdims=True) - k.mean(axis=0, keepdims=True) + k.mean()
+
+
 def _mean_query_term(mask: Mask, kk, kv):
     """sum_jj' Abar_ij Abar_i'j' K_k(j,j') Cov_v(ij, i'j') with
-    Cov_v = K_v(j,j') - (K_v Abar^T)(j,i') - (Abar K_v)(i,j') + (Abar K_v Abar^T)(i,i')."""
+    Cov_v = K_v(j,j') - (K_v Abar^T)(j,i') - (Abar K_v)(i,j') + (Abar K_v Abar^T)(i,i').
+    Bidirectional (Abar = 1 1^T / n): ``mean(K_k * D(K_v)) = mean(D(K_k) * D(K_v))`` for every
+    (i, i'), D the double centring (D(K_v) has zero row and column sums); centring both first
+    keeps near-collapsed kernels (K = c + eps E) free of cancellation: the term is O(eps^2)."""
+    if mask.full:
+        return np.full(kk.shape, np.mean(_double_centred(kk) * _double_centred(kv)))
     x, y = mask.left(kv.T).T, mask.left(kv)  # K_v Abar^T, Abar K_v
     kk_r, kk_l = mask.left(kk.T).T, mask.left(kk)  # K_k Abar^T, Abar K_k
     return (mask.sandwich(kk * kv) - mask.left(x * kk_r) - mask.left((y * kk_l).T).T
@@ -161,7 +171,10 @@ def _mean_query_term(mask: Mask, kk, kv):
 
 
 def _mean_key_term(mask: Mask, w, kv):
-    """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j')."""
+    """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j').
+    Bidirectional: ``mean(W) D(K_v)`` (see `_mean_query_term`)."""
+    if mask.full:
+        return np.mean(w) * _double_centred(kv)
     x, y = mask.left(kv.T).T, mask.left(kv)
     wa = mask.left_t(w.T).T  # W Abar
     atw = mask.left_t(w)  # Abar^T W
