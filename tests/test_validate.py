@@ -79,6 +79,11 @@ def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
     for bad in ("3/3", "x", "1/0"):
         with pytest.raises(ValueError, match="shard="):
             validate.parse_shard(bad)
+    # without --out every grid keeps its own folder (and summary)
+    monkeypatch.chdir(tmp_path)
+    validate.main(grid="quick", merge=False)
+    assert (tmp_path / "results" / "validation-quick" / "summary.txt").exists()
+    assert not (tmp_path / "results" / "validation").exists()
 
 
 def test_stream_rows_compare_norms_and_distance_from_collapse():

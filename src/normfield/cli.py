@@ -355,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="measure nothing: compare the configurations already measured under "
                         "--out (after the shards of a job array have finished)")
-    p.add_argument("--out", metavar="DIR", default="results/validation",
-                   help="folder for the validation results (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="folder for the validation results (default: results/validation-GRID)")
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("figures", help="regenerate the figures",

@@ -257,16 +257,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool = False, out: str = "results/validation", seeds: int | None = None,
+def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
          grid: str | None = None, shard: str | None = None, merge: bool = False) -> int:
     """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`, or
-    `coverage` (one configuration per architecture feature).
+    `coverage` (one configuration per architecture feature); `out` defaults to
+    ``results/validation-<grid>`` so that grids keep their own summaries.
 
     For a job array, run ``shard="I/N"`` for I = 0..N-1 (each writes its measurements to the
     shared `out`), then ``merge=True`` to compare everything measured so far."""
     name = grid or ("quick" if quick else "full")
     if name not in GRIDS:
         raise ValueError(f"invalid grid={name!r}: expected one of {', '.join(GRIDS)}")
+    out = out or f"results/validation-{name}"
     archs = coverage_archs() if name == "coverage" else grid_archs(GRIDS[name])
     part = parse_shard(shard)
     if part:
