@@ -130,8 +130,9 @@ def depth_scaling(depths, theory_values, measured=None, measured_err=None, ax=No
 
 
 def activations(*profiles, key: str = "sq_norm", ax=None):
-    """Residual-stream statistic `key` (``sq_norm``, ``cos_within``, ``cos_across``) at points
-    0..depth (0 = embedding output): theory as lines, probe as markers with error bars."""
+    """Residual-stream statistic `key` (``sq_norm``, ``cos_within``, ``cos_across``; an
+    encoder-decoder's ``enc.sq_norm``, ``dec.sq_norm``, ...) at the stream points (0 = embedding
+    output): theory as lines, probe as markers with error bars."""
     ax = _axes(ax)
     for p in profiles:
         _check_source(p)

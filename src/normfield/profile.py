@@ -11,6 +11,10 @@ Forward statistics (`activations`) are given at the residual-stream points 0..de
 embedding output, l = the output of block l):
 ``sq_norm`` = E||x||^2 / d, ``cos_within`` = mean cosine between distinct tokens of one sequence,
 ``cos_across`` = mean cosine between tokens of different sequences (NaN when batch_size = 1).
+
+An encoder-decoder (``arch.decoder_depth > 0``) prefixes every name with its stack: ``enc.*``
+per-layer arrays have length ``depth``, ``dec.*`` ones ``decoder_depth``; the statistics are
+``enc.sq_norm`` (points 0..depth), ``dec.sq_norm`` (points 0..decoder_depth), and so on.
 """
 
 from __future__ import annotations
