@@ -12,7 +12,7 @@ from normfield.probe.model import global_params
 SMALL = dict(seq_len=4, d_model=64, n_heads=4, d_ff=128, batch_size=2, vocab_size=64)
 
 
-@pytest.mark.parametrize("placement", ["pre", "post", "peri", "deepnorm"])
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "deepnorm", "b2t"])
 def test_all_probe_parameters_present(placement):
     arch = Arch(depth=2, placement=placement, **SMALL)
     prof = predict(arch)
@@ -65,7 +65,7 @@ def test_qk_temperature_scales_the_logits_of_normalized_queries():
         Arch(**{**kw, "qk_norm": False}, qk_temperature=3.0)
 
 
-@pytest.mark.parametrize("placement", ["pre", "post"])
+@pytest.mark.parametrize("placement", ["pre", "post", "b2t"])
 def test_encoder_decoder_parameters_present(placement):
     arch = Arch(depth=2, decoder_depth=3, placement=placement, tied_head=True, **SMALL)
     prof = predict(arch)

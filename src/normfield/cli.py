@@ -54,7 +54,7 @@ HELP: dict[str, str] = {
                   "(BERT's embedding LayerNorm)",
     "tied_head": "tie the output head to the token embedding",
     "final_norm": "norm after the last block: auto = the placement's own default "
-                  "(none for post/deepnorm, a final norm for pre-norm-style placements)",
+                  "(none for post/deepnorm/b2t, a final norm for pre-norm-style placements)",
     "bias": "give every linear layer a bias (norms have a gain only)",
     "qk_norm": "QK-Norm: RMS-normalize each head's queries and keys",
     "qk_temperature": "with --qk-norm, logits = temperature * cos(q, k) (Henry et al. 2020) "

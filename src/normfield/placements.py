@@ -255,6 +255,29 @@ def normformer(arch, layer: int, stack: Stack) -> tuple:
             *sublayer(arch, "ffn", "h2", "f", inner_norm="ffn_norm"), Add("r1", "f", "out"))
 
 
+def b2t(arch, layer: int, stack: Stack) -> tuple:
+    """B2T connection (Takase et al. 2022, "B2T Connection: Serving Stability and Performance
+    in Deep Transformers", arXiv 2206.00330): Post-LN plus a bottom-to-top skip from the block
+    input to the input of the block's last norm,
+    ``h = LN(x + Attn(x)); y = LN(h + FFN(h) + x)`` (encoder-decoder decoder blocks:
+    ``h1 = LN(x + SelfAttn(x)); h2 = LN(h1 + CrossAttn(h1)); y = LN(h2 + FFN(h2) + x)``), as
+    in the authors' fairseq code (takase/b2t_connection, ``residual_bottom_to_top``).  The
+    skip's add ``z = r + x`` sums two correlated operands (r contains x through the earlier
+    norms); the theory's `Add` map handles that from the recipe alone.  That code also scales
+    every block weight by depth^(-1/2) at init (``rescaling_init``); it is not part of the
+    placement here (``Init(gains=...)`` reproduces it)."""
+    steps, x, last = [], "x", len(stack.sublayers)
+    for i, kind in enumerate(stack.sublayers, 1):
+        steps += [*sublayer(arch, kind, x, f"b{i}"), Add(x, f"b{i}", f"r{i}")]
+        src = f"r{i}"
+        if i == last:
+            steps.append(Add(src, "x", "z"))
+            src = "z"
+        steps.append(Norm(f"norm{i}", src, f"h{i}"))
+        x = f"h{i}"
+    return tuple(steps)
+
+
 def deepnorm_constants(arch, stack: Stack) -> tuple[float, float]:
     """DeepNet's (alpha, beta) (Wang et al. 2022, arXiv 2203.00555, Table 1): N encoder and M
     decoder layers; encoder-only (2N)^(1/4), (8N)^(-1/4); decoder-only (2M)^(1/4), (8M)^(-1/4);
@@ -331,6 +354,7 @@ PLACEMENTS = {
     "lns": PlacementSpec("lns", layernorm_scaling, final_norm=True),
     "scaled_pre": PlacementSpec("scaled_pre", scaled_pre_ln, final_norm=True,
                                 options=("branch_scale",)),
+    "b2t": PlacementSpec("b2t", b2t, final_norm=False),
 }
 
 

@@ -30,10 +30,11 @@ COLORS = {
     "mixln": "#ff7f0e",       # orange
     "lns": "#17becf",         # cyan
     "scaled_pre": "#e377c2",  # pink
+    "b2t": "#bcbd22",         # olive
 }
 LABELS = {"post": "Post-LN", "pre": "Pre-LN", "peri": "Peri-LN", "normformer": "NormFormer",
           "deepnorm": "DeepNorm", "mixln": "Mix-LN", "lns": "LN-Scaling",
-          "scaled_pre": "scaled Pre-LN"}
+          "scaled_pre": "scaled Pre-LN", "b2t": "B2T"}
 assert set(COLORS) >= set(PLACEMENTS), "every placement needs a colour"
 
 LINESTYLES = ("-", "--", ":", "-.")

@@ -24,6 +24,9 @@ tokens an O(1) coordinate mean that LayerNorm removes).  Backward state: the gra
 * Scale by c: K, M and G scale by c^2.
 * Add ``alpha a + beta b``: kernels add with weights alpha^2, beta^2 (cross terms vanish because
   each branch ends in a zero-mean random weight); backward ``G_a += alpha^2 G``, ``G_b += beta^2 G``.
+  An add of two correlated operands (B2T's skip of the block input) adds the cross terms; the
+  block interpreter (`predict._Block`) tracks them with `norm_cross_forward` and
+  `norm_cross_backward`.
 """
 
 from __future__ import annotations
@@ -87,6 +90,18 @@ def norm_forward(x: Point, kind: str, eps: float) -> Point:
     return Point(k, m, x.width)
 
 
+def _scale_dof(x: Point, kind: str) -> tuple[int, np.ndarray]:
+    """``(p, k)``: the number p of directions the norm's Jacobian projects out (LayerNorm 2: the
+    mean and the output direction; RMSNorm 1) and the degrees of freedom k_i of each token's
+    mean square s_i^2 (relative variance 2/k_i; see `norm_backward`)."""
+    d = x.width
+    if kind == "layernorm":
+        return 2, np.full(x.k.w.shape[0], d - 1.0)
+    m2 = np.diag(x.m.w)
+    c = np.maximum(x.k.diag - m2, 1e-300)
+    return 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
+
+
 def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Blocks:
     """G_x(i,j) = G_y(i,j) E[1/(s_i s_j)] tr(P_i P_j)/d, both factors to O(1/d).
 
@@ -100,12 +115,7 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     O(1/d), which compounds over depth in Post-LN."""
     _, inv = _norm_stats(x, kind, eps)
     d = x.width
-    if kind == "layernorm":
-        p, k = 2, np.full(x.k.w.shape[0], d - 1.0)
-    else:
-        m2 = np.diag(x.m.w)
-        c = np.maximum(x.k.diag - m2, 1e-300)
-        p, k = 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
+    p, k = _scale_dof(x, kind)
     rho = cosine(y.k)
     ki, kj = k[:, None], k[None, :]
     base, root = 1.0 + 0.75 / ki + 0.75 / kj, np.sqrt(ki * kj)
@@ -121,3 +131,45 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
 
 def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
     return y.width * pair_sum(y.k, g, batch_size)
+
+
+def norm_cross_forward(x: Point, cross_k: Blocks, cross_m: Blocks, kind: str,
+                       eps: float) -> tuple[Blocks, Blocks]:
+    """Cross-kernels of a norm's output y with a fixed reference r (a block's input), from
+    those of its input x: ``X(i,j) = E[x_i . r_j]/d`` (`cross_k`) and ``MX(i,j) = E[xbar_i rbar_j]``
+    (`cross_m`).  Returns ``(X_y, MX_y)``:
+
+        LayerNorm: X_y = (X - MX) f_i,  MX_y = 0;   RMSNorm: X_y = X f_i,  MX_y = MX f_i,
+        f_i = E[s_i] / C(i,i) = (1 - 1/(4 k_i)) / sqrt(C(i,i) + eps),
+
+    with C and k_i as in `norm_backward`.  Why ``E[s]`` and not the Jensen factor ``E[1/s]`` of
+    `norm_backward`: with u = P x_i (P the centring for LayerNorm) the numerator correlates
+    with s_i = |u|/sqrt(d).  Regress the coordinates of r_j on those of u (iid Gaussian pairs),
+    r_j = beta u + w with beta = (X - MX)(i,j) / C(i,i) and w independent of u; then
+    ``E[u . r_j / (d s_i)] = beta E[|u|^2 / (d s_i)] = beta E[s_i]``, and for a chi-square s^2
+    with k degrees of freedom ``E[s] = sqrt(C) (1 - 1/(4k) + O(k^-2))``; ``E[1/s]`` would give
+    1 + 3/(4k), wrong in sign.  Exact to O(1/d) for LayerNorm and for RMSNorm without a
+    coordinate mean (checked against Monte Carlo in the tests); with a coordinate mean the
+    RMSNorm factor is an O(1/d) approximation.  The factor is kept, although the forward
+    kernel map works to leading order, because the cross-kernel's diagonal enters the scale
+    of the next norm, whose backward map multiplies every gradient below it: an O(1/d) error
+    there compounds over depth like the ones `norm_backward` keeps."""
+    c, inv = _norm_stats(x, kind, eps)
+    _, k = _scale_dof(x, kind)
+    f = ((1.0 - 0.25 / k) * np.sqrt(np.diag(inv)))[:, None]
+    if kind == "layernorm":
+        return (cross_k + cross_m * -1.0) * f, Blocks.full(len(k), 0.0, 0.0)
+    return cross_k * f, cross_m * f
+
+
+def norm_cross_backward(x: Point, kind: str, eps: float) -> np.ndarray:
+    """Per-token factor f_i of a norm's backward map on a gradient cross-kernel
+    ``Y(i,j) = E[g_i . g_ref,j]/d`` with a reference gradient g_ref independent of the norm's
+    scales (gradient independence): ``Y_x(i,j) = f_i Y_y(i,j)``, since g_x,i = P_i g_y,i / s_i
+    gives ``E[P_i g_y,i . g_ref,j] = tr(P_i) Y_y(i,j)`` for isotropic gradients;
+    ``f_i = (d - p)/d E[1/s_i]`` with ``E[1/s_i] = (1 + 3/(4 k_i)) / sqrt(C(i,i) + eps)`` --
+    the per-token factors of `norm_backward` (projection trace and Jensen factor) for one
+    token instead of a pair."""
+    _, inv = _norm_stats(x, kind, eps)
+    p, k = _scale_dof(x, kind)
+    return (x.width - p) / x.width * (1.0 + 0.75 / k) * np.sqrt(np.diag(inv))

@@ -26,15 +26,122 @@ from normfield.theory import attention
 from normfield.theory.kernels import Blocks, cosine, pair_sum
 from normfield.theory.maps import (Point, activation_forward, bias_grad_sq, gain_grad_sq,
                                    linear_backward, linear_forward, linear_grad_sq, norm_backward,
-                                   norm_forward)
+                                   norm_cross_backward, norm_cross_forward, norm_forward)
 
 METHODS = ("analytic", "mc")
 STORE_LIMIT_BYTES = 2e9
 
 
+def _sym(k: Blocks) -> Blocks:
+    """``C + C^T`` per block (the across block of a cross-kernel transposes by exchanging the
+    two sequences)."""
+    return Blocks(k.w + k.w.T, k.c + k.c.T)
+
+
+def _scaled(value, factor):
+    """``value * factor``, None staying None (a cross-kernel or coefficient that vanishes)."""
+    return None if value is None else value * factor
+
+
+def _correlated_adds(steps: tuple) -> tuple[frozenset, frozenset]:
+    """The registers that carry a cross-kernel with the block input ``x`` and the indices of
+    the Adds whose two operands are correlated through it (both empty when there are none).
+
+    ``x`` carries; Norm and Scale pass it on; an Add carries when an operand does; Linear and
+    attention outputs do not (zero-mean random weights).  An Add of two carrying operands is
+    correlated; one operand must be ``x`` itself (B2T's skip), so that its cross term is the
+    other operand's cross-kernel with x.  Recipes outside these rules raise
+    NotImplementedError (no placement needs them): two correlated operands neither of which is
+    x, more than one correlated add in a block, and an activation or gate applied to a
+    carrying register or to a gradient that contains the correlated add's."""
+    carries, correlated = {"x"}, []
+    for i, s in enumerate(steps):
+        if isinstance(s, (Norm, Scale)) and s.src in carries:
+            carries.add(s.dst)
+        elif isinstance(s, Add) and {s.a, s.b} & carries:
+            carries.add(s.dst)
+            if {s.a, s.b} <= carries:
+                if "x" not in (s.a, s.b):
+                    raise NotImplementedError(
+                        f"Add {s.a!r} + {s.b!r}: both operands correlate with the block input "
+                        "and neither is the block input itself")
+                correlated.append(i)
+    if not correlated:
+        return frozenset(), frozenset()
+    if len(correlated) > 1:
+        raise NotImplementedError("more than one add of correlated operands in one block")
+    reach = {steps[correlated[0]].dst}  # registers whose gradient contains the reference
+    for s in reversed(steps):
+        if isinstance(s, (Activation, Product)):
+            operands = {s.src} if isinstance(s, Activation) else {s.a, s.b}
+            if operands & carries or s.dst in reach:
+                raise NotImplementedError(f"{type(s).__name__} on a register or gradient "
+                                          "correlated with a skip of the block input")
+        elif isinstance(s, (Norm, Scale)) and s.dst in reach:
+            reach.add(s.src)
+        elif isinstance(s, Add) and s.dst in reach:
+            reach |= {s.a, s.b}
+    return frozenset(carries), frozenset(correlated)
+
+
+class _Gradients:
+    """Gradient kernels ``G = E[g_i . g_j]/d`` of a block's registers, accumulated backward.
+
+    Below the output gradient of a correlated add (B2T's skip), the reference ``g_ref``, a
+    register also carries its cross-kernel ``Y(i,j) = E[g_i . g_ref,j]/d`` and, when its
+    gradient is exactly ``c g_ref``, the coefficient c.  Two gradients a, b summed into one
+    register then add their cross term: with ``a = c_a g_ref``,
+    ``E[a_i . b_j] + E[b_i . a_j] = c_a (Y_b(j,i) + Y_b(i,j))``, so
+    ``G_{a+b} = G_a + G_b + c_a (Y_b + Y_b^T)`` and ``Y_{a+b} = Y_a + Y_b``.  (Without a
+    reference every Y is None and this is the plain sum of kernels.)"""
+
+    def __init__(self, name: str, g: Blocks):
+        self.g, self.y, self.coef = {name: g}, {}, {}
+
+    def push(self, name: str, g: Blocks, y: Blocks | None = None, coef: float | None = None):
+        if name not in self.g:
+            self.g[name] = g
+            if y is not None:
+                self.y[name] = y
+            if coef is not None:
+                self.coef[name] = coef
+            return
+        y_old, coef_old = self.y.get(name), self.coef.pop(name, None)
+        if y is not None and y_old is not None:
+            if coef_old is not None:
+                g = g + _sym(y) * coef_old
+            elif coef is not None:
+                g = g + _sym(y_old) * coef
+            else:
+                raise NotImplementedError(f"gradients summed into {name!r} both correlate with "
+                                          "the skip's output gradient and neither is a "
+                                          "multiple of it")
+            if coef_old is not None and coef is not None:
+                self.coef[name] = coef_old + coef
+        self.g[name] = self.g[name] + g
+        if y is not None:
+            self.y[name] = y if y_old is None else y_old + y
+
+
 class _Block:
     """Forward and backward interpretation of one block's steps (`stack` gives the init rules;
-    `masks` the attention masks by kind)."""
+    `masks` the attention masks by kind).
+
+    Correlated adds (`_correlated_adds`; B2T's ``z = r + x`` with r = LN(x + F(x)) + F'(...)).
+    Forward, every register r that carries one has its cross-kernels with the block input,
+    ``X_r(i,j) = E[r_i . x_j]/d`` and ``MX_r(i,j) = E[rbar_i xbar_j]``: ``X_x = K_x``,
+    ``MX_x = M_x``; an add ``alpha a + beta b`` gives ``alpha X_a + beta X_b`` (a Linear or
+    attention operand has X = 0: zero-mean random weights); Scale c gives c X; a norm gives
+    `maps.norm_cross_forward`.  The correlated add ``alpha r + beta x`` then has
+    ``K = alpha^2 K_r + beta^2 K_x + alpha beta (X_r + X_r^T)`` and the same for M with MX.
+    Backward, its output gradient is the reference g_ref of `_Gradients`: it reaches the block
+    input directly (coefficient beta) and through the earlier norms, whose maps scale its
+    cross-kernel by the per-token factor of `maps.norm_cross_backward`; the block input's
+    gradient kernel then gains ``beta (Y + Y^T)`` (Y: the cross-kernel of the path through
+    the norms), ``G_x = beta^2 G_ref + G_path + beta (Y + Y^T)``.  Weight and gain gradients
+    use the kernels of their own input and output gradient, so the cross terms reach them
+    through those kernels; their maps are unchanged (leading order, gradient independence).
+    A block without a correlated add computes exactly what it did without this tracking."""
 
     def __init__(self, arch: Arch, steps: tuple, masks: dict, method: str, stack: Stack):
         self.arch, self.steps, self.masks, self.method, self.stack = arch, steps, masks, method, stack
@@ -42,6 +149,7 @@ class _Block:
         self.heads = attention.HeadSpec(arch.d_head, arch.positions == "rope", arch.qk_norm,
                                         arch.norm_eps, arch.qk_temperature)
         self._vars: dict[str, tuple[float, float]] = {}
+        self.carries, self.correlated = _correlated_adds(steps)
 
     def _var(self, name: str) -> tuple[float, float]:
         """(weight variance, bias variance) of a parameter, resolved once per block (the
@@ -55,9 +163,23 @@ class _Block:
         kind = "bidirectional" if isinstance(s, CrossAttention) else (s.mask or self.arch.mask)
         return self.masks[kind]
 
+    def _cross(self, s, env: dict, cross: dict) -> tuple[Blocks, Blocks]:
+        """(X, MX) of the register `s` writes (a Norm, Scale or Add that carries)."""
+        if isinstance(s, Norm):
+            return norm_cross_forward(env[s.src], *cross[s.src], self.arch.norm,
+                                      self.arch.norm_eps)
+        if isinstance(s, Scale):
+            return tuple(v * s.factor for v in cross[s.src])
+        terms = [(cross[n][0] * w, cross[n][1] * w)
+                 for n, w in ((s.a, s.alpha), (s.b, s.beta)) if n in cross]
+        if len(terms) == 1:
+            return terms[0]
+        return terms[0][0] + terms[1][0], terms[0][1] + terms[1][1]
+
     def forward(self, x: Point, memory: Point | None = None):
         a = self.arch
         env, saved = {"x": x, "mem": memory}, {}
+        cross = {"x": (x.k, x.m)} if self.correlated else {}
         for i, s in enumerate(self.steps):
             if isinstance(s, Norm):
                 env[s.dst] = norm_forward(env[s.src], a.norm, a.norm_eps)
@@ -82,8 +204,14 @@ class _Block:
                 env[s.dst] = Point(p.k * s.factor ** 2, p.m * s.factor ** 2, p.width)
             elif isinstance(s, Add):
                 pa, pb = env[s.a], env[s.b]
-                env[s.dst] = Point(pa.k * s.alpha ** 2 + pb.k * s.beta ** 2,
-                                   pa.m * s.alpha ** 2 + pb.m * s.beta ** 2, pa.width)
+                k = pa.k * s.alpha ** 2 + pb.k * s.beta ** 2
+                m = pa.m * s.alpha ** 2 + pb.m * s.beta ** 2
+                if i in self.correlated:
+                    xk, xm = cross[s.b if s.a == "x" else s.a]
+                    k, m = k + _sym(xk) * (s.alpha * s.beta), m + _sym(xm) * (s.alpha * s.beta)
+                env[s.dst] = Point(k, m, pa.width)
+            if s.dst in self.carries:
+                cross[s.dst] = self._cross(s, env, cross)
         return env, saved
 
     def backward(self, env: dict, saved: dict, g_out: Blocks):
@@ -91,18 +219,19 @@ class _Block:
         cross-attention), and the squared weight-gradient norms."""
         a, b = self.arch, self.arch.batch_size
         grads: dict[str, float] = {}
-        gs: dict[str, Blocks] = {self.steps[-1].dst: g_out}
-
-        def push(name, g):
-            gs[name] = gs[name] + g if name in gs else g
+        gs = _Gradients(self.steps[-1].dst, g_out)
+        push = gs.push
 
         for i in reversed(range(len(self.steps))):
             s = self.steps[i]
-            g = gs.get(s.dst)
+            g = gs.g.get(s.dst)
             if g is None:
                 continue
+            y, coef = gs.y.get(s.dst), gs.coef.get(s.dst)
             if isinstance(s, Norm):
-                push(s.src, norm_backward(env[s.src], env[s.dst], g, a.norm, a.norm_eps))
+                y_src = (None if y is None else
+                         y * norm_cross_backward(env[s.src], a.norm, a.norm_eps)[:, None])
+                push(s.src, norm_backward(env[s.src], env[s.dst], g, a.norm, a.norm_eps), y_src)
                 grads[f"{s.name}.scale"] = gain_grad_sq(env[s.dst], g, b)
             elif isinstance(s, Linear):
                 var_w, _ = self._var(s.name)
@@ -129,11 +258,13 @@ class _Block:
                     if a.bias:
                         grads[f"{name}.bias"] = bias_grad_sq(gp, d, b)
             elif isinstance(s, Scale):
-                push(s.src, g * s.factor ** 2)
+                push(s.src, g * s.factor ** 2, _scaled(y, s.factor), _scaled(coef, s.factor))
             elif isinstance(s, Add):
-                push(s.a, g * s.alpha ** 2)
-                push(s.b, g * s.beta ** 2)
-        return gs["x"], gs.get("mem"), grads
+                if i in self.correlated:  # the reference: Y = G, g = 1 * g_ref
+                    y, coef = g, 1.0
+                push(s.a, g * s.alpha ** 2, _scaled(y, s.alpha), _scaled(coef, s.alpha))
+                push(s.b, g * s.beta ** 2, _scaled(y, s.beta), _scaled(coef, s.beta))
+        return gs.g["x"], gs.g.get("mem"), grads
 
 
 # ---- embedding and head --------------------------------------------------------------------------
