@@ -15,7 +15,7 @@ Checked: the loss and the per-stack stream statistics of `loss_fn`; JAX's gradie
 parameter of both stacks against float64 central finite differences of the reference along
 random directions and along the gradient itself; and `measure_grad_norms`' per-seed squared norms
 and activation statistics against the same quantities recomputed for each seed's parameters and
-data.  Two archs only (XLA compiles each function once per arch).
+data.  Three archs only (XLA compiles each function once per arch).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ CONFIGS = {
     # Pre-LN: a final norm per stack, learned positions per stack, biases, untied head
     "pre_learned_bias": dict(placement="pre", depth=2, decoder_depth=3, positions="learned",
                              bias=True, activation="gelu"),
+    # B2T: the block input skips to the input of each block's last norm (norm2 / norm3)
+    "b2t": dict(placement="b2t", depth=2, decoder_depth=2),
 }
 MEASURED = "post_tied"  # measure_grad_norms is compiled for this arch only (~40 s here)
 MEASURE_KEY, MEASURE_SEEDS = 3, 2
@@ -80,7 +82,8 @@ def ref_ffn(arch, p, x):
 
 def ref_block(arch, p, x, role, memory=None, decoder_causal=True):
     """One encoder (role "enc") or decoder ("dec") block; Post-LN ``x = LN_i(x + F_i(x))`` or
-    Pre-LN ``x = x + F_i(LN_i(x))`` for its sublayers F_1, F_2(, F_3) in order."""
+    Pre-LN ``x = x + F_i(LN_i(x))`` for its sublayers F_1, F_2(, F_3) in order; B2T is Post-LN
+    with the block input added to the last norm's input (Takase et al. 2022)."""
     if role == "enc":
         sub = [lambda u: ref_mha(arch, p, "attn", u, causal=arch.mask == "causal"),
                lambda u: ref_ffn(arch, p, u)]
@@ -88,10 +91,13 @@ def ref_block(arch, p, x, role, memory=None, decoder_causal=True):
         sub = [lambda u: ref_mha(arch, p, "self_attn", u, causal=decoder_causal),
                lambda u: ref_mha(arch, p, "cross_attn", u, memory=memory),
                lambda u: ref_ffn(arch, p, u)]
+    bottom = x
     for i, F in enumerate(sub, 1):
         gain = p[f"norm{i}.scale"]
-        if arch.placement == "post":
+        if arch.placement == "post" or (arch.placement == "b2t" and i < len(sub)):
             x = ref_norm(arch, x + F(x), gain)
+        elif arch.placement == "b2t":
+            x = ref_norm(arch, x + F(x) + bottom, gain)
         elif arch.placement == "pre":
             x = x + F(ref_norm(arch, x, gain))
         else:
@@ -114,7 +120,7 @@ def ref_stack(arch, P, role, tokens, memory=None, with_final=True, decoder_causa
         x = ref_block(arch, p, x, role, memory, decoder_causal)
         stats.append(ref_stats(x))
     raw = x
-    final = arch.final_norm if arch.final_norm is not None else arch.placement != "post"
+    final = arch.final_norm if arch.final_norm is not None else arch.placement == "pre"
     if final and with_final:
         x = ref_norm(arch, x, P[f"{role}.final_norm.scale"])
     return x, raw, np.asarray(stats)

@@ -107,6 +107,9 @@ def ref_block(arch, p, x, layer):
 
     if kind == "post":
         return post(x)
+    if kind == "b2t":  # Takase et al. 2022: the block input skips to the last norm's input
+        h = N("norm1", x + A(x))
+        return N("norm2", h + F(h) + x)
     if kind == "pre":
         return pre(x)
     if kind == "peri":
@@ -158,7 +161,8 @@ def ref_loss(arch, P, tokens, targets, with_stats=False):
         x = ref_block(arch, p, x, layer)
         if with_stats:
             stats.append(ref_stats(x))
-    final = arch.final_norm if arch.final_norm is not None else arch.placement not in ("post", "deepnorm")
+    final = (arch.final_norm if arch.final_norm is not None
+             else arch.placement not in ("post", "deepnorm", "b2t"))
     if final:
         x = ref_norm(arch, x, P["final_norm.scale"])
     head = P["embed.tok"].T if arch.tied_head else P["head.out"]
@@ -186,6 +190,7 @@ CONFIGS = {
     "lns": dict(placement="lns", depth=3, embed_scale=2.0, mask="causal"),
     "scaled_pre_torch": dict(placement="scaled_pre", depth=2, final_norm=False, bias=True,
                              init=Init(scheme="torch")),
+    "b2t_rms": dict(placement="b2t", depth=3, norm="rmsnorm", mask="causal", bias=True),
 }
 
 
