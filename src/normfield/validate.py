@@ -62,7 +62,8 @@ COVERAGE_VARIANTS = (
     dict(placement="pre", positions="learned"),
     dict(placement="post", decoder_depth=6), dict(placement="pre", decoder_depth=6),
     dict(placement="deepnorm", decoder_depth=6), dict(placement="b2t"),
-    dict(placement="b2t", mask="causal"), dict(placement="b2t", decoder_depth=6))
+    dict(placement="b2t", mask="causal"), dict(placement="b2t", decoder_depth=6),
+    dict(placement="post"), dict(placement="post", mask="causal"))
 
 
 COVERAGE_PRESETS = ("gpt2", "llama", "torch_encoder_layer", "gpt1", "bert", "vaswani2017",
@@ -74,7 +75,7 @@ def coverage_archs() -> list[Arch]:
     QK-Norm and its temperature, encoder-decoder stacks) and the presets (their own init
     schemes, biases, tied heads) at d_model 256, depth 6 (8 for Mix-LN, so that it has a
     Post-LN part; encoder-decoders 6 + 6); B2T, whose skip adds correlated operands, as an
-    encoder, a causal stack and an encoder-decoder."""
+    encoder, a causal stack and an encoder-decoder, beside plain Post-LN of the same shapes."""
     from normfield import presets
 
     sizes = {k: v for k, v in COVERAGE_BASE.items() if k != "d_ff"}
