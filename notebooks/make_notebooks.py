@@ -111,10 +111,14 @@ NOTEBOOKS = {
         new_code_cell(
             "base = dict(d_model=32, n_heads=2, d_ff=64, seq_len=8, batch_size=2, vocab_size=64)\n"
             "theory = {p: nf.predict(nf.Arch(depth=6, placement=p, **base)) for p in nf.PLACEMENTS}\n"
-            "fig, axes = plt.subplots(2, 4, figsize=(14, 6), layout='constrained', sharex=True)\n"
+            "nrows = -(-len(theory) // 4)\n"
+            "fig, axes = plt.subplots(nrows, 4, figsize=(14, 3 * nrows), layout='constrained',\n"
+            "                         sharex=True)\n"
             "for ax, (p, prof) in zip(axes.flat, theory.items()):\n"
             "    plot.overlay(prof, ax=ax).set_title(plot.LABELS[p])\n"
             "    ax.get_legend().remove()\n"
+            "for ax in axes.flat[len(theory):]:\n"
+            "    ax.set_visible(False)\n"
             "for p, prof in theory.items():\n"
             "    w = prof['ffn.w1']\n"
             "    print(f'{p:11s} layer1 {w[0]:.3f}  layer6 {w[-1]:.3f}  ratio {w[-1] / w[0]:.2f}')"),
