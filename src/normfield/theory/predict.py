@@ -127,7 +127,8 @@ class _Block:
     """Forward and backward interpretation of one block's steps (`stack` gives the init rules;
     `masks` the attention masks by kind).
 
-    Correlated adds (`_correlated_adds`; B2T's ``z = r + x`` with r = LN(x + F(x)) + F'(...)).
+    Correlated adds (`_correlated_adds`; B2T's ``z = r + x`` with ``r = h + F'(h)``,
+    ``h = LN(x + F(x))``).
     Forward, every register r that carries one has its cross-kernels with the block input,
     ``X_r(i,j) = E[r_i . x_j]/d`` and ``MX_r(i,j) = E[rbar_i xbar_j]``: ``X_x = K_x``,
     ``MX_x = M_x``; an add ``alpha a + beta b`` gives ``alpha X_a + beta X_b`` (a Linear or
