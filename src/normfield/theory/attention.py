@@ -22,7 +22,10 @@ of the shorter one, n1 = min(n_i, n_i') of them.  Then, by exchangeability and t
     E[Delta_ij Delta_i'j'] = a(i, i') (delta_jj' - 1/n1)   for j, j' < n1, else 0,
     a = (T1 - 1/n2) / (n1 - 1),      T1 = E[sum_j A_ij A_i'j]       (`softmax.pair_moments`).
 
-Forward:   K_o = Abar K_v Abar^T + a * D_v,   D_v(i, i') = tr K_v|S1 - 1^T K_v|S1 1 / n1.
+Forward:   K_o = Abar K_v Abar^T + a * D_v,   D_v(i, i') = tr K_v|S1 - 1^T K_v|S1 1 / n1,
+plus the finite-width term of `gram_fluctuation` (keys and values share their input tokens, so
+their realized kernels covary; O(n/d), the leading correction; also in G_q and in the key and
+value weight gradients, `weight_gradient_fluctuation`).
 Backward (values):  G_v = Abar^T G_o Abar + sum_ii' a G_o (delta - 1/n1) on S1 x S1.
 Backward (queries, keys): with ``g_s_ij = A_ij g_o_i . (v_j - o_i)`` the logit gradient,
     G_q(i, i') = G_o(i, i') [M_q(i, i') + r_v r_k (Q - Q0)],
@@ -41,7 +44,7 @@ from functools import cached_property
 import numpy as np
 
 from normfield.data import rope_angles
-from normfield.theory.kernels import Blocks
+from normfield.theory.kernels import Blocks, pair_sum
 from normfield.theory.maps import Point, norm_backward, norm_forward
 from normfield.theory.softmax import pair_moments
 
@@ -233,6 +236,9 @@ class AttentionState:
     n1: np.ndarray
     raw_q: Blocks | None = None  # before QK-Norm
     raw_k: Blocks | None = None
+    gram: Blocks | None = None  # `gram_fluctuation` of the key/value input
+    s_k: float = 0.0  # key and value kernels per unit of input kernel
+    s_v: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,34 @@ def _qk_norm_backward(raw: Blocks, normed: Blocks, g: Blocks, spec: HeadSpec) ->
     zero = Blocks.full(raw.w.shape[0], 0.0, 0.0)
     return norm_backward(Point(raw, zero, spec.d_head), Point(normed, zero, spec.d_head), g,
                          "rmsnorm", spec.eps)
+
+
+def gram_fluctuation(mask: Mask, kx: Blocks, width: int) -> Blocks:
+    """Covariance of the keys' and values' realized kernels through their shared input.
+
+    Keys and values are projections of the same input tokens x, so their realized (per-head,
+    per-seed) kernels fluctuate together: with Gaussian inputs of iid coordinates,
+    ``Cov(x_a.x_b/d, x_c.x_e/d) = (K(a,c) K(b,e) + K(a,e) K(b,c)) / d``.  Every attention term
+    that multiplies a key kernel by a value kernel and sums over key pairs (j, j') (the
+    fluctuation of the output, the query-gradient mean term, the key and value weight
+    gradients) then gains ``s_k s_v C(i, i')`` with
+    ``C = (t t^T + B(K, K)) / d``, ``t(i) = sum_j Abar_ij K(j, j) - (Abar K Abar^T)(i, i)``
+    (the spread of the keys row i sees) and ``B = _mean_query_term``.  Relative to the terms
+    kept it is ``n/d`` for nearly orthogonal tokens (n keys): the off-diagonal fluctuations
+    of the n^2 key pairs add up coherently, so it is the leading finite-width correction of
+    the attention maps (0.125 at n = 32, d = 256).  Across sequences t is the same and B
+    uses the across block.  In the output fluctuation and the value gradient it enters to
+    first order in the logit variance (``Delta A_ij ~ (s_ij - sbar_i) / n``).
+
+    Approximations: the input's coordinates are treated as Gaussian and random, so the
+    deterministic part of sinusoidal positions (a third of the embedding kernel) is counted
+    as random; QK-Norm rescales the key kernel by its mean normalization; under RoPE the term
+    is not applied (the rotation weights the key pairs; not derived).  Check:
+    ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8)."""
+    t = mask.left(np.diag(kx.w)[:, None])[:, 0] - np.diag(mask.sandwich(kx.w))
+    tt = np.outer(t, t)
+    return Blocks(tt + _mean_query_term(mask, kx.w, kx.w),
+                  tt + _mean_query_term(mask, kx.c, kx.c)) * (1.0 / width)
 
 
 def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
@@ -296,9 +330,14 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
     spread_v = prefix_spread(kv.w)[n1 - 1]
-    ko = Blocks(mask.sandwich(kv.w) + a_fluct * spread_v, mask.sandwich(kv.c))
+    # not derived under RoPE, whose rotation weights the key pairs of the covariance
+    gram = Blocks.full(n, 0.0, 0.0) if spec.rope else gram_fluctuation(mask, kx_kv, width)
+    s_k, s_v = var_k * width, var_v * width
+    if spec.qk_norm:
+        s_k *= np.mean(kk.diag) / np.mean(raw_k.diag)
+    ko = Blocks(mask.sandwich(kv.w) + a_fluct * spread_v, mask.sandwich(kv.c)) + kq * gram * (s_k * s_v)
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1,
-                           raw_q, raw_k)
+                           raw_q, raw_k, gram, s_k, s_v)
     return ko, state
 
 
@@ -318,7 +357,7 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
         return rot.modulated(lambda ww: _mean_key_term(mask, ww, kv), w)
 
     gq = Blocks(go.w * (query_term(st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
-                go.c * query_term(st.kk.c, st.kv.c))
+                go.c * query_term(st.kk.c, st.kv.c)) + go * st.gram * (st.s_k * st.s_v)
     wk = go * st.kq
     k_fluct = np.where(st.n1 > 1, st.q_fluct / np.maximum(st.n1 - 1, 1), 0.0) * st.rv
     gk = Blocks(key_term(wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
@@ -328,3 +367,18 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
         gq = _qk_norm_backward(st.raw_q, st.kq * (1.0 / c2), gq * c2, spec)
         gk = _qk_norm_backward(st.raw_k, st.kk, gk, spec)
     return gq, gk, gv
+
+
+def weight_gradient_fluctuation(go: Blocks, st: AttentionState, batch_size: int) -> tuple:
+    """Extra ``sum_ij K_x(i, j) G(i, j)`` of the key and value projections from the realized
+    input kernel, which multiplies their gradient kernels (``E||dL/dW||^2 = fan_in fan_out
+    sum K_x G``) and is shared by the values inside G_k and by the keys inside the attention
+    fluctuation of G_v (`gram_fluctuation`): ``s_v sum W C`` and ``s_k sum W C`` with
+    ``W = G_o K_q``, to first order in the logit variance.  (The query projection's term is
+    in G_q itself.)  Returns (extra_k, extra_v); with QK-Norm extra_k is per raw key unit."""
+    w = go * st.kq
+    base = pair_sum(w, st.gram, batch_size)
+    extra_k = st.s_v * base
+    if st.raw_k is not None:
+        extra_k *= np.mean(st.kk.diag) / np.mean(st.raw_k.diag)
+    return extra_k, st.s_k * base

@@ -3,8 +3,10 @@ forward kernels then backward kernels, and ``E||dL/dW||_F^2`` for every weight.
 
 Approximations (each named where it is made): leading order in 1/width with the
 gradient-independence assumption (`maps`); Gaussian logits with exchangeable keys for the
-softmax (`attention`, `softmax`); expectations of ratios replaced by ratios of expectations
-in the norms; token collisions enter the kernels in expectation (probability sum_v p_v^2).
+softmax (`attention`, `softmax`), plus the one finite-width term that grows with the number
+of keys n, O(n/d): the covariance of the keys' and values' realized kernels through their
+shared input tokens (`attention.gram_fluctuation`); expectations of ratios replaced by ratios
+of expectations in the norms; token collisions enter the kernels in expectation (probability sum_v p_v^2).
 The loss is the mean cross-entropy over N = B n positions with targets iid from the token
 distribution.  At initialization the logit gradient is ``(p_t - e_{y_t}) / N`` and
 ``E[(p_t - e_y_t) . (p_t' - e_y_t')] = E[p_t . p_t'] - 2/V + P(y_t = y_t')`` (``1 - 2/V + E||p||^2``
@@ -250,12 +252,13 @@ class _Block:
                 kv_src = s.memory if isinstance(s, CrossAttention) else s.src
                 d = a.d_model
                 g_qkv = attention.backward(g, self._attention_mask(s), saved[i], self.heads)
-                for p, gp in zip("qkv", g_qkv):
+                extra = (0.0, *attention.weight_gradient_fluctuation(g, saved[i], b))
+                for p, gp, ex in zip("qkv", g_qkv, extra):
                     src = s.src if p == "q" else kv_src
                     name = f"{s.prefix}.{p}"
                     var_w, _ = self._var(name)
                     push(src, linear_backward(gp, var_w, d))
-                    grads[name] = linear_grad_sq(env[src], gp, d, b)
+                    grads[name] = linear_grad_sq(env[src], gp, d, b) + env[src].width * d * ex
                     if a.bias:
                         grads[f"{name}.bias"] = bias_grad_sq(gp, d, b)
             elif isinstance(s, Scale):
