@@ -199,15 +199,22 @@ SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from normfield.arch import Arch
-    from normfield.probe.measure import _shard, measure_grad_norms
+    from normfield.probe.measure import _shard, measure_grad_norms, measure_sweep
     kw = json.loads(sys.argv[1])
     kw["placement_options"] = tuple(tuple(p) for p in kw["placement_options"])
     prof = measure_grad_norms(Arch(**kw), seeds=int(sys.argv[2]), key=int(sys.argv[3]))
     keys = _shard(jax.random.split(jax.random.PRNGKey(0), int(sys.argv[2])))
+    # the configuration axis: the same Arch twice and a second Arch, one device each
+    other = Arch(**dict(kw, mask="bidirectional"))
+    sweep = list(measure_sweep([Arch(**kw), other, Arch(**kw)], seeds=int(sys.argv[2]),
+                               key=int(sys.argv[3])))
     print(json.dumps({"n_devices": prof.meta["n_devices"],
                       "key_devices": len(keys.sharding.device_set),
                       "per_seed_sq": {k: v.tolist() for k, v in prof.per_seed_sq.items()},
-                      "activations": {k: v.tolist() for k, v in prof.activations.items()}}))
+                      "activations": {k: v.tolist() for k, v in prof.activations.items()},
+                      "sweep_devices": [p.meta["sweep_device"] for p in sweep],
+                      "sweep_sq": [{k: v.tolist() for k, v in p.per_seed_sq.items()}
+                                   for p in sweep]}))
 """)
 
 
@@ -243,3 +250,10 @@ def test_sharded_seed_axis_equals_single_device():
         _sq_close(name, np.asarray(values), ref.per_seed_sq[name], ref.per_seed_sq)
     for k, values in out["activations"].items():
         np.testing.assert_allclose(np.asarray(values), ref.activations[k], rtol=1e-5, atol=1e-7)
+    # measure_sweep: one configuration per device, the same numbers as one at a time
+    assert len(set(out["sweep_devices"])) == 3
+    first, other, again = out["sweep_sq"]
+    for name in ref.per_seed_sq:
+        _sq_close(name, np.asarray(first[name]), ref.per_seed_sq[name], ref.per_seed_sq)
+        _sq_close(name, np.asarray(again[name]), ref.per_seed_sq[name], ref.per_seed_sq)
+    assert any(not np.allclose(other[n], first[n]) for n in first)  # a different Arch

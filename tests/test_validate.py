@@ -12,20 +12,21 @@ TINY = dict(depth=2, d_model=32, n_heads=2, d_ff=64, seq_len=4, batch_size=2, vo
 def _fake_measure(scale):
     calls = []
 
-    def measure(arch, seeds, key, chunk):
-        calls.append(arch)
-        prof = predict(arch)
-        prof.source = "probe"
-        prof.grads = {k: v * scale for k, v in prof.grads.items()}
-        prof.stderr = {k: 0.01 * v for k, v in prof.grads.items()}
-        return prof
+    def sweep(archs, seeds, key, chunk):
+        for arch in archs:
+            calls.append(arch)
+            prof = predict(arch)
+            prof.source = "probe"
+            prof.grads = {k: v * scale for k, v in prof.grads.items()}
+            prof.stderr = {k: 0.01 * v for k, v in prof.grads.items()}
+            yield prof
 
-    return measure, calls
+    return sweep, calls
 
 
 def test_rows_summary_and_cache(tmp_path, monkeypatch):
     measure, calls = _fake_measure(1.25)
-    monkeypatch.setattr(validate, "measure_grad_norms", measure)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
     archs = [Arch(placement="pre", **TINY), Arch(placement="post", **TINY)]
     rows = validate.run_grid(archs, seeds=2, out=str(tmp_path))
     # theory / measured - 1 = 1/1.25 - 1 = -0.2 for every parameter and layer; the stream
@@ -59,7 +60,7 @@ def test_bad_grid_name():
 
 def test_markdown_table_has_one_row_per_configuration(tmp_path, monkeypatch):
     measure, _ = _fake_measure(2.0)
-    monkeypatch.setattr(validate, "measure_grad_norms", measure)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
     rows = validate.run_grid([Arch(placement="pre", **TINY)], seeds=2, out=str(tmp_path))
     table = validate.markdown_table(rows).splitlines()
     assert len(table) == 3 and table[2].startswith("| pre | bidirectional | relu | 50.0 |")
@@ -67,7 +68,7 @@ def test_markdown_table_has_one_row_per_configuration(tmp_path, monkeypatch):
 
 def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
     measure, calls = _fake_measure(1.0)
-    monkeypatch.setattr(validate, "measure_grad_norms", measure)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
     monkeypatch.setattr(validate, "QUICK_GRID", dict(validate.QUICK_GRID, d_model=(32,),
                                                      seq_len=(4,), depth=(1, 2), seeds=2))
     monkeypatch.setitem(validate.GRIDS, "quick", validate.QUICK_GRID)

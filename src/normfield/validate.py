@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from normfield.arch import Arch, group_of
-from normfield.probe.measure import measure_grad_norms
+from normfield.probe.measure import measure_sweep
 from normfield.profile import GradProfile, atomic_write_text
 from normfield.progress import progress
 from normfield.theory.predict import predict
@@ -150,21 +150,23 @@ def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
 
 def run_grid(archs: list[Arch], seeds: int, out: str, key: int = 0,
              cached_only: bool = False) -> list[dict]:
-    """Measure (or load) every configuration and compare it with the theory.  With
-    `cached_only`, configurations not measured yet are skipped (merging the shards of a job
+    """Measure (or load) every configuration and compare it with the theory.  Configurations
+    not measured yet go through `measure_sweep` (one per local device at a time), each saved
+    as soon as it is fetched; with `cached_only` they are skipped (merging the shards of a job
     array)."""
     os.makedirs(out, exist_ok=True)
+
+    def path(arch):
+        return os.path.join(out, f"{config_name(arch)}-s{seeds}-k{key}.json")
+
+    missing = [] if cached_only else [a for a in archs if not os.path.exists(path(a))]
+    sweep = measure_sweep(missing, seeds=seeds, key=key, chunk=min(seeds, 16))
+    for arch, measured in progress(zip(missing, sweep), total=len(missing), label="measure"):
+        measured.save(path(arch))
     rows = []
     for arch in progress(archs, total=len(archs), label="validate"):
-        path = os.path.join(out, f"{config_name(arch)}-s{seeds}-k{key}.json")
-        if os.path.exists(path):
-            measured = GradProfile.load(path)
-        elif cached_only:
-            continue
-        else:
-            measured = measure_grad_norms(arch, seeds=seeds, key=key, chunk=min(seeds, 16))
-            measured.save(path)
-        rows.extend(compare(predict(arch), measured))
+        if os.path.exists(path(arch)):
+            rows.extend(compare(predict(arch), GradProfile.load(path(arch))))
     return rows
 
 
