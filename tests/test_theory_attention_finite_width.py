@@ -10,10 +10,14 @@ maps without the term miss every checked quantity by 9-11% here, far outside the
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from normfield.data import rope_angles
 from normfield.theory import attention
 from normfield.theory.kernels import Blocks, pair_sum
 
@@ -81,3 +85,45 @@ def test_realized_gram_term_of_attention_vs_mc():
     # the leading-order maps alone fail on the spread and the query and key gradients
     for name, w, m, tl in list(zip(names, without, mean, tol))[:3]:
         assert abs(w - m) > tl, (name, w, m, tl)
+
+
+
+def _definition(mask, k_own, k_other, weight, on_positions):
+    """The realized-Gram term summed term by term: ``sum_jj' Abar_ij Abar_i'j' sum_ce u_ij(c)
+    u_i'j'(e) w [K(c,j) K(e,j') + K(c,j') K(e,j)]`` with ``w = weight[i, i', c, e]`` (the
+    contracted key pair) or ``weight[i, i', j, j']`` (the key positions); for rows of two
+    sequences K(c,j), K(e,j') are within-sequence kernels (`k_own`) and K(c,j'), K(e,j)
+    across-sequence ones (`k_other`)."""
+    n, a = k_own.shape[0], mask.mean
+    out = np.zeros((n, n))
+    for i, ip, j, jp in itertools.product(range(n), repeat=4):
+        u1, u2 = np.eye(n)[j] - a[i], np.eye(n)[jp] - a[ip]
+        w = np.full((n, n), weight[i, ip, j, jp]) if on_positions else weight[i, ip]
+        pair = np.outer(k_own[:, j], k_own[:, jp]) + np.outer(k_other[:, jp], k_other[:, j])
+        out[i, ip] += a[i, j] * a[ip, jp] * u1 @ (w * pair) @ u2
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "causal"])
+def test_gram_term_closed_forms_match_their_definition(kind):
+    """Without RoPE both kernels are ``(t t^T + B(K, K)) / d``; with RoPE the rotation factor
+    ``R((c - e) - (i - i'))`` weights the contracted key pair (first kernel) or
+    ``R((j - j') - (i - i'))`` the key positions (second kernel)."""
+    rng = np.random.default_rng(3)
+    n, d_head, width = 5, 8, 64
+    a = rng.normal(size=(n, n + 3))
+    kx = Blocks(a @ a.T / (n + 3), 0.3 * np.outer(a[:, 0], a[:, 0]))
+    mask = attention.Mask.build(kind, n)
+    pos = np.arange(n)
+    i, ip, c, e = np.meshgrid(pos, pos, pos, pos, indexing="ij")
+    theta = rope_angles(2, d_head)[1]
+    rotation = (2.0 / d_head) * np.cos(theta[:, None] * ((c - e) - (i - ip)).ravel()).sum(0)
+    cases = ((None, np.ones((n,) * 4)),
+             (attention.Rotary.build(n, d_head), rotation.reshape(c.shape)))
+    for rot, weight in cases:
+        contracted, positions = attention.gram_fluctuation(mask, kx, width, rot)
+        for blk, other in (("w", kx.w), ("c", kx.c)):
+            for got, on_positions in ((getattr(contracted, blk), False),
+                                      (getattr(positions, blk), True)):
+                want = _definition(mask, kx.w, other, weight, on_positions) / width
+                np.testing.assert_allclose(got, want, atol=1e-13, err_msg=f"{rot} {blk}")

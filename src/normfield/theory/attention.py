@@ -195,15 +195,17 @@ class Rotary:
     cos: np.ndarray  # (F, n, n): cos(theta_f (a - b))
     sin: np.ndarray
     weight: float
+    phase: np.ndarray  # (F, n): theta_f a, so that cos_f(a - b) = cos(phase_a - phase_b)
 
     @staticmethod
     def build(n: int, d_head: int | None) -> "Rotary":
         if d_head is None:
-            return Rotary(np.ones((1, n, n)), np.zeros((1, n, n)), 1.0)
+            return Rotary(np.ones((1, n, n)), np.zeros((1, n, n)), 1.0, np.zeros((1, n)))
         theta = rope_angles(2, d_head)[1]  # theta_f (the angles of position 1)
         delta = np.arange(n)[:, None] - np.arange(n)[None, :]
         angles = theta[:, None, None] * delta[None]
-        return Rotary(np.cos(angles), np.sin(angles), 2.0 / d_head)
+        return Rotary(np.cos(angles), np.sin(angles), 2.0 / d_head,
+                      theta[:, None] * np.arange(n)[None, :])
 
     @property
     def toeplitz(self) -> np.ndarray:
@@ -236,7 +238,8 @@ class AttentionState:
     n1: np.ndarray
     raw_q: Blocks | None = None  # before QK-Norm
     raw_k: Blocks | None = None
-    gram: Blocks | None = None  # `gram_fluctuation` of the key/value input
+    gram: Blocks | None = None  # `gram_fluctuation` of the key/value input (output, G_q, W_v)
+    gram_k: Blocks | None = None  # its version for the key weight gradient
     s_k: float = 0.0  # key and value kernels per unit of input kernel
     s_v: float = 0.0
 
@@ -271,7 +274,7 @@ def _qk_norm_backward(raw: Blocks, normed: Blocks, g: Blocks, spec: HeadSpec) ->
                          "rmsnorm", spec.eps)
 
 
-def gram_fluctuation(mask: Mask, kx: Blocks, width: int) -> Blocks:
+def gram_fluctuation(mask: Mask, kx: Blocks, width: int, rot: Rotary | None = None):
     """Covariance of the keys' and values' realized kernels through their shared input.
 
     Keys and values are projections of the same input tokens x, so their realized (per-head,
@@ -288,15 +291,66 @@ def gram_fluctuation(mask: Mask, kx: Blocks, width: int) -> Blocks:
     uses the across block.  In the output fluctuation and the value gradient it enters to
     first order in the logit variance (``Delta A_ij ~ (s_ij - sbar_i) / n``).
 
+    With RoPE (`rot`) the covariance is weighted by the logit field's rotation factor
+    ``R((c - e) - (i - i'))`` of the key pair (c, e) that the logits see; the sum is
+    ``w sum_f [cos_f(i-i') C(cos_f) + sin_f(i-i') C(sin_f)]`` with
+    ``C(P) = tau P tau^T + S(P)``, ``tau = Abar * (diag K - Abar K)`` and S the second
+    contraction, evaluated through the separable forms ``cos_f(c - e) = cos cos + sin sin``
+    (`_rotated_pair_term`).  The rotation weights the contracted key pair in the output,
+    G_q and the value gradient, but the positions of the key gradient in the key weight
+    gradient: so two kernels are returned, (C for the output, G_q and W_v; C for W_k), the
+    same object twice without RoPE.
+
     Approximations: the input's coordinates are treated as Gaussian and random, so the
     deterministic part of sinusoidal positions (a third of the embedding kernel) is counted
-    as random; QK-Norm rescales the key kernel by its mean normalization; under RoPE the term
-    is not applied (the rotation weights the key pairs; not derived).  Check:
-    ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8)."""
-    t = mask.left(np.diag(kx.w)[:, None])[:, 0] - np.diag(mask.sandwich(kx.w))
-    tt = np.outer(t, t)
-    return Blocks(tt + _mean_query_term(mask, kx.w, kx.w),
-                  tt + _mean_query_term(mask, kx.c, kx.c)) * (1.0 / width)
+    as random; QK-Norm rescales the key kernel by its mean normalization.  Checks:
+    ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8; the RoPE forms against
+    their definition summed term by term)."""
+    if rot is None:
+        t = mask.left(np.diag(kx.w)[:, None])[:, 0] - np.diag(mask.sandwich(kx.w))
+        tt = np.outer(t, t)
+        c = Blocks(tt + _mean_query_term(mask, kx.w, kx.w),
+                   tt + _mean_query_term(mask, kx.c, kx.c)) * (1.0 / width)
+        return c, c
+    tau = mask.mean * (np.diag(kx.w)[None, :] - mask.left(kx.w))
+    blocks = [_rotated_pair_term(mask, tau, k, rot) for k in (kx.w, kx.c)]
+    (ce_w, jj_w), (ce_c, jj_c) = blocks
+    scale = rot.weight / width
+    return Blocks(ce_w, ce_c) * scale, Blocks(jj_w, jj_c) * scale
+
+
+def _rotated_pair_term(mask: Mask, tau: np.ndarray, k: np.ndarray, rot: Rotary):
+    """``sum_f [cos_f(i-i') C(cos_f) + sin_f(i-i') C(sin_f)]`` with the weight on the
+    contracted key pair and with the weight on the key positions (see `gram_fluctuation`;
+    without the factor w/d)."""
+    def rotated(second):
+        out = 0.0
+        for cos_m, sin_m, phase in zip(rot.cos, rot.sin, rot.phase):
+            cv, sv = np.cos(phase), np.sin(phase)
+            out = out + cos_m * (tau @ cos_m @ tau.T + second(mask, k, cv, cv)
+                                 + second(mask, k, sv, sv))
+            out = out + sin_m * (tau @ sin_m @ tau.T + second(mask, k, sv, cv)
+                                 - second(mask, k, cv, sv))
+        return out
+
+    return rotated(_second_contracted), rotated(_second_positions)
+
+
+def _second_contracted(mask: Mask, k: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_jj' Abar_ij Abar_i'j' sum_ce u_ij(c) u_i'j'(e) a(c) b(e) K(c,j') K(e,j)`` with
+    ``u_ij = e_j - Abar_i``; ``_mean_query_term(mask, K, K)`` for a = b = 1."""
+    ka, kb = a[:, None] * k, b[:, None] * k
+    return (mask.sandwich(ka * kb.T) - mask.left(mask.left(kb).T * mask.left(ka.T).T)
+            - mask.left((mask.left(ka) * mask.left(kb.T)).T).T
+            + mask.sandwich(ka) * mask.sandwich(kb).T)
+
+
+def _second_positions(mask: Mask, k: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_jj' Abar_ij a(j) Abar_i'j' b(j') (K u_ij)_j' (K u_i'j')_j``;
+    ``_mean_query_term(mask, K, K)`` for a = b = 1."""
+    aa, ab, ak = mask.mean * a[None, :], mask.mean * b[None, :], mask.left(k)
+    return (aa @ (k * k) @ ab.T - aa @ (ak.T * (k @ ab.T)) - (ak * (aa @ k)) @ ab.T
+            + (ak @ ab.T) * (aa @ ak.T))
 
 
 def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
@@ -330,14 +384,14 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
     spread_v = prefix_spread(kv.w)[n1 - 1]
-    # not derived under RoPE, whose rotation weights the key pairs of the covariance
-    gram = Blocks.full(n, 0.0, 0.0) if spec.rope else gram_fluctuation(mask, kx_kv, width)
+    gram, gram_k = gram_fluctuation(mask, kx_kv, width,
+                                    Rotary.build(n, spec.d_head) if spec.rope else None)
     s_k, s_v = var_k * width, var_v * width
     if spec.qk_norm:
         s_k *= np.mean(kk.diag) / np.mean(raw_k.diag)
     ko = Blocks(mask.sandwich(kv.w) + a_fluct * spread_v, mask.sandwich(kv.c)) + kq * gram * (s_k * s_v)
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1,
-                           raw_q, raw_k, gram, s_k, s_v)
+                           raw_q, raw_k, gram, gram_k, s_k, s_v)
     return ko, state
 
 
@@ -377,8 +431,7 @@ def weight_gradient_fluctuation(go: Blocks, st: AttentionState, batch_size: int)
     ``W = G_o K_q``, to first order in the logit variance.  (The query projection's term is
     in G_q itself.)  Returns (extra_k, extra_v); with QK-Norm extra_k is per raw key unit."""
     w = go * st.kq
-    base = pair_sum(w, st.gram, batch_size)
-    extra_k = st.s_v * base
+    extra_k = st.s_v * pair_sum(w, st.gram_k, batch_size)
     if st.raw_k is not None:
         extra_k *= np.mean(st.kk.diag) / np.mean(st.raw_k.diag)
-    return extra_k, st.s_k * base
+    return extra_k, st.s_k * pair_sum(w, st.gram, batch_size)
