@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normfield.theory import gaussian
-from normfield.theory.kernels import Blocks, cosine, pair_sum
+from normfield.theory.kernels import Blocks, block_sums, cosine, pair_sum
 
 
 @dataclass(frozen=True)
@@ -57,34 +57,34 @@ def linear_grad_sq(x: Point, g: Blocks, fan_out: int, batch_size: int) -> float:
 
 
 def bias_grad_sq(g: Blocks, fan_out: int, batch_size: int) -> float:
-    ones = Blocks.full(g.w.shape[0], 1.0, 1.0)
-    return fan_out * pair_sum(ones, g, batch_size)
+    b = batch_size
+    w, c = block_sums(g.a)  # pair_sum with a kernel of ones
+    return fan_out * float(b * w + b * (b - 1) * c)
 
 
 def activation_forward(u: Point, name: str) -> tuple[Point, Blocks]:
     """Returns the output point and E[phi'(u_i) phi'(u_j)] (the backward factor)."""
     d = u.k.diag
-    (kw, dkw), (kc, dkc) = (gaussian.pair_expectations(name, d[:, None], d[None, :], blk)
-                            for blk in (u.k.w, u.k.c))
+    k, dk = gaussian.pair_expectations(name, d[:, None], d[None, :], u.k.a)
     mu = gaussian.mean(name, d)
     mm = np.outer(mu, mu)
-    inv = 1.0 / u.width
-    m = Blocks(mm + (kw - mm) * inv, mm + (kc - mm) * inv)
-    return Point(Blocks(kw, kc), m, u.width), Blocks(dkw, dkc)
+    m = Blocks.of(mm + (k - mm) * (1.0 / u.width))
+    return Point(Blocks.of(k), m, u.width), Blocks.of(dk)
 
 
-def _norm_stats(x: Point, kind: str, eps: float):
-    c = x.k + x.m * -1.0 if kind == "layernorm" else x.k
-    scale = np.sqrt(c.diag + eps)
-    inv = 1.0 / np.outer(scale, scale)
-    return c, inv
+def _norm_scale(x: Point, kind: str, eps: float) -> np.ndarray:
+    """Per-token scale s_i = sqrt(C(i, i) + eps) (C = K - M for LayerNorm, K for RMSNorm)."""
+    d = x.k.diag + x.m.diag * -1.0 if kind == "layernorm" else x.k.diag
+    return np.sqrt(d + eps)
 
 
 def norm_forward(x: Point, kind: str, eps: float) -> Point:
-    c, inv = _norm_stats(x, kind, eps)
-    k = c * Blocks(inv, inv)
-    m = Blocks.full(k.w.shape[0], 0.0, 0.0) if kind == "layernorm" else x.m * Blocks(inv, inv)
-    return Point(k, m, x.width)
+    scale = _norm_scale(x, kind, eps)
+    inv = 1.0 / np.outer(scale, scale)
+    if kind == "layernorm":
+        k = Blocks.of((x.k.a + x.m.a * -1.0) * inv)
+        return Point(k, Blocks.full(k.a.shape[1], 0.0, 0.0), x.width)
+    return Point(Blocks.of(x.k.a * inv), Blocks.of(x.m.a * inv), x.width)
 
 
 def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Blocks:
@@ -98,25 +98,22 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     / sqrt(C(i,i) C(j,j))`` off it.  This Jensen factor and the projection's ``tr(P_i P_j)/d``
     nearly cancel on the diagonal; keeping only one of them biases every norm's backward map by
     O(1/d), which compounds over depth in Post-LN."""
-    _, inv = _norm_stats(x, kind, eps)
+    scale = _norm_scale(x, kind, eps)
     d = x.width
-    if kind == "layernorm":
-        p, k = 2, np.full(x.k.w.shape[0], d - 1.0)
+    if kind == "layernorm":  # k = d - 1 for every token: scalar factors
+        p, k = 2, d - 1.0
+        ki = kj = k
     else:
-        m2 = np.diag(x.m.w)
+        m2 = x.m.diag
         c = np.maximum(x.k.diag - m2, 1e-300)
         p, k = 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
-    rho = cosine(y.k)
-    ki, kj = k[:, None], k[None, :]
+        ki, kj = k[:, None], k[None, :]
     base, root = 1.0 + 0.75 / ki + 0.75 / kj, np.sqrt(ki * kj)
-
-    def factor(r):
-        r2 = r * r
-        return (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
-
-    fac = Blocks(factor(rho.w), factor(rho.c))
-    np.fill_diagonal(fac.w, (d - p) / d * k / (k - 2))
-    return g * fac * Blocks(inv, inv)
+    r2 = cosine(y.k).a
+    r2 *= r2
+    fac = (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
+    np.fill_diagonal(fac[0], (d - p) / d * k / (k - 2))
+    return Blocks.of(g.a * fac * (1.0 / np.outer(scale, scale)))
 
 
 def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:

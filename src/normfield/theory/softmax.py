@@ -70,7 +70,7 @@ import math
 
 import numpy as np
 
-__all__ = ["pair_moments"]
+__all__ = ["pair_moments", "pair_moments_at"]
 
 _METHODS = ("analytic", "mc")
 
@@ -93,17 +93,17 @@ def _within(x, lo, hi, whole=False):
     return not whole or bool(np.all(x == np.round(x)))
 
 
-def _validate(n1, n2, v1, v2, rho, method):
-    """The arguments as float64 arrays broadcast to one shape; ValueError naming the first
-    invalid value.  Valid input costs a few reductions: the offending entry is only located
-    once a check has failed (integer-typed sizes need no integrality check)."""
+def _validate(n1, n2, variances, rho, method):
+    """The arguments as float64 arrays (not broadcast: n1, n2, the variance arrays, rho) and
+    their broadcast shape; ValueError naming the first invalid value.  `variances` is a
+    sequence of (name, value) pairs.  Valid input costs a few reductions: the offending entry
+    is only located once a check has failed (integer-typed sizes need no integrality check)."""
     if method not in _METHODS:
         raise ValueError(f"invalid method={method!r}: expected one of {_METHODS}")
     n1 = np.asarray(n1)
     n2 = np.asarray(n2)
     whole1, whole2 = (not np.issubdtype(n.dtype, np.integer) for n in (n1, n2))
-    v1 = np.asarray(v1, dtype=np.float64)
-    v2 = np.asarray(v2, dtype=np.float64)
+    vs = [np.asarray(v, dtype=np.float64) for _, v in variances]
     rho = np.asarray(rho, dtype=np.float64)
     n1f = n1.astype(np.float64)
     n2f = n2.astype(np.float64)
@@ -118,7 +118,7 @@ def _validate(n1, n2, v1, v2, rho, method):
         raise ValueError(
             f"invalid n2={n2b.ravel()[i]:g}: expected an integer n2 >= n1 "
             f"(n1={n1b.ravel()[i]:g})")
-    for name, v in (("v1", v1), ("v2", v2)):
+    for (name, _), v in zip(variances, vs):
         if not _within(v, 0.0, _FMAX):
             bad = ~np.isfinite(v) | (v < 0)
             raise ValueError(
@@ -127,7 +127,13 @@ def _validate(n1, n2, v1, v2, rho, method):
         bad = ~np.isfinite(rho) | (rho < -1) | (rho > 1)
         raise ValueError(
             f"invalid rho={rho[bad].ravel()[0]:g}: expected -1 <= rho <= 1")
-    return np.broadcast_arrays(n1f, n2f, v1, v2, rho)
+    shape = np.broadcast_shapes(n1b.shape, rho.shape, *(v.shape for v in vs))
+    return n1f, n2f, vs, rho, shape
+
+
+def _flat(x, shape):
+    """x broadcast to `shape`, as a flat array."""
+    return np.broadcast_to(x, shape).ravel()
 
 
 # ---------------------------------------------------------------------------
@@ -384,13 +390,6 @@ class _Quadrature:
         Ft.flags.writeable = Fq.flags.writeable = False
         return Ft, Fq
 
-    def fluctuations(self, n1, n2, rho):
-        """Fluctuation parts (ft, fq) of every entry: the node moments of its (n1, n2),
-        interpolated in rho."""
-        pairs, at = _distinct_pairs(n1, n2)
-        C = _barycentric(rho, self.rho_lo)
-        return _interpolate(C, self.node_moments(pairs), at)
-
 
 _quadrature = functools.lru_cache(maxsize=128)(_Quadrature)
 
@@ -414,43 +413,32 @@ def _distinct_pairs(n1, n2):
     return np.stack(np.divmod(values, m), axis=1).astype(np.float64), at
 
 
-_WEIGHT_MEMO: dict = {}
-
-
 def _barycentric(r, rho_lo):
-    """Interpolation matrix (len(r), _N_RHO) for the Chebyshev-Lobatto nodes (a row is one-hot
-    where r is a node), built _CHUNK rows at a time to keep the temporaries small.  Memoized
-    on the last two inputs: the two calls of a variance interpolation share rho."""
-    key = (rho_lo, r.tobytes())
-    if key in _WEIGHT_MEMO:
-        return _WEIGHT_MEMO[key]
+    """Barycentric interpolation weights for the Chebyshev-Lobatto nodes, unnormalized: c
+    (_N_RHO, len(r)) and their column sums; the interpolant of node values f is
+    ``(f @ c) / sums``.  Where r is a node the column is one-hot (sum 1)."""
     nodes, bw = _rho_nodes(rho_lo)
-    C = np.empty((r.size, _N_RHO))
-    for s0 in range(0, r.size, _CHUNK):
-        d = r[s0:s0 + _CHUNK, None] - nodes[None, :]
-        hit = d == 0.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c = bw[None, :] / d
-            c = c / c.sum(axis=1, keepdims=True)
-        rows = hit.any(axis=1)
-        c[rows] = hit[rows]
-        C[s0:s0 + _CHUNK] = c
-    if len(_WEIGHT_MEMO) >= 2:
-        _WEIGHT_MEMO.pop(next(iter(_WEIGHT_MEMO)))
-    C.flags.writeable = False
-    _WEIGHT_MEMO[key] = C
-    return C
+    c = np.subtract(r[None, :], nodes[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(bw[:, None], c, out=c)
+        sums = np.add.reduce(c, axis=0)
+    hit = np.flatnonzero(~np.isfinite(sums))
+    if hit.size:
+        c[:, hit] = nodes[:, None] == r[hit]
+        sums[hit] = 1.0
+    return c, sums
 
 
-def _interpolate(C, tables, at):
-    """For every table (rows, nodes): ``sum_k C[e, k] table[at[e], k]`` for every entry e,
-    _CHUNK entries at a time (a one-row table is broadcast rather than gathered)."""
-    out = [np.empty(C.shape[0]) for _ in tables]
-    for s0 in range(0, C.shape[0], _CHUNK):
-        part = slice(s0, s0 + _CHUNK)
-        for o, t in zip(out, tables):
-            rows = np.broadcast_to(t, C[part].shape) if len(t) == 1 else t[at[part]]
-            o[part] = np.einsum("ik,ik->i", C[part], rows)
+def _interpolate(weights, tables, at):
+    """``sum_k C[k, e] table[at[e], k]`` for the entries e of a group and both node tables
+    (len(pairs), _N_RHO) of `_Quadrature.node_moments`, C the normalized `_barycentric` weights;
+    ``at=None``: one pair for every entry."""
+    c, sums = weights
+    if at is None:
+        out = np.stack(tables)[:, 0] @ c
+    else:
+        out = np.einsum("ke,tke->te", c, np.stack(tables).swapaxes(1, 2)[:, :, at])
+    out /= sums
     return out
 
 
@@ -480,21 +468,38 @@ def _groups(v1, v2, idx):
         yield float(key.real), float(key.imag), idx[order[bounds[g]:bounds[g + 1]]]
 
 
-def _analytic(n1, n2, v1, v2, rho):
-    T = 1.0 / n2
-    Q = (1.0 - 1.0 / n1) / n2
-    live = ((v1 > 0) | (v2 > 0)) & (n2 > 1)
-    for g1, g2, sel in _groups(v1, v2, np.flatnonzero(live)):
-        a, b, r = n1[sel], n2[sel], rho[sel]
-        rho_lo = 0.0 if r.min() >= 0 else -1.0
-        quad = _quadrature(g1, g2, _bucket(a.max()), _bucket(b.max()), rho_lo)
-        ft, fq = quad.fluctuations(a, b, r)
-        T[sel] = (1.0 + ft) / b
-        Q[sel] = (fq + 1.0 - 1.0 / a) / b
-    # exact limits
-    T = np.where(rho == 0.0, 1.0 / n2, T)
-    Q = np.where(n1 == 1.0, 0.0, Q)
-    return T, Q
+def _analytic(n1, n2, sides, rho):
+    """(T1, Q) at each (v1, v2) of `sides`, flat arrays like rho; n1 and n2 are flat arrays or
+    0-d (the same sizes for every entry).  The entries at one exact (v1, v2) form a group, one
+    `_Quadrature`; groups of different sides that select the same entries (and rho range)
+    share their interpolation weights."""
+    shape = rho.shape
+    n1b, n2b = np.broadcast_to(n1, shape), np.broadcast_to(n2, shape)
+    sizes_fixed = n1.ndim == 0 and n2.ndim == 0
+    T0, Q0 = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+    weights = {}
+    out = []
+    for v1, v2 in sides:
+        T, Q = T0.copy(), Q0.copy()
+        live = ((v1 > 0) | (v2 > 0)) & (n2b > 1)
+        for g1, g2, sel in _groups(v1, v2, np.flatnonzero(live)):
+            a, b, r = n1b[sel], n2b[sel], rho[sel]
+            rho_lo = 0.0 if r.min() >= 0 else -1.0
+            if sizes_fixed:
+                pairs, at = np.array([[float(n1), float(n2)]]), None
+                quad = _quadrature(g1, g2, _bucket(float(n1)), _bucket(float(n2)), rho_lo)
+            else:
+                pairs, at = _distinct_pairs(a, b)
+                quad = _quadrature(g1, g2, _bucket(a.max()), _bucket(b.max()), rho_lo)
+            key = (rho_lo, "all" if isinstance(sel, slice) else sel.tobytes())
+            if key not in weights:
+                weights[key] = _barycentric(r, rho_lo)
+            ft, fq = _interpolate(weights[key], quad.node_moments(pairs), at)
+            T[sel] = (1.0 + ft) / b
+            Q[sel] = (fq + 1.0 - 1.0 / a) / b
+        # exact limits
+        out.append((np.where(rho == 0.0, 1.0 / n2b, T), np.where(n1b == 1.0, 0.0, Q)))
+    return out
 
 
 def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
@@ -516,11 +521,24 @@ def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
     Raises ValueError for n1 < 1 or non-integer, n2 < n1, v < 0, |rho| > 1,
     or an unknown method.
     """
-    n1, n2, v1, v2, rho = _validate(n1, n2, v1, v2, rho, method)
-    shape = n1.shape
+    n1, n2, (v1, v2), rho, shape = _validate(n1, n2, (("v1", v1), ("v2", v2)), rho, method)
+    n1, n2, v1, v2, rho = (_flat(x, shape) for x in (n1, n2, v1, v2, rho))
     if method == "mc":
-        T, Q, _, _ = _mc_moments(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(),
-                                 rho.ravel(), samples=samples, seed=seed)
+        T, Q, _, _ = _mc_moments(n1, n2, v1, v2, rho, samples=samples, seed=seed)
         return T.reshape(shape), Q.reshape(shape)
-    T, Q = _analytic(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(), rho.ravel())
+    [(T, Q)] = _analytic(n1, n2, [(v1, v2)], rho)
     return T.reshape(shape), Q.reshape(shape)
+
+
+def pair_moments_at(n1, n2, variances, rho):
+    """`pair_moments` (analytic) of two rows of equal logit variance v (v1 = v2 = v) for each
+    array v of `variances`, at the same n1, n2 and rho: one validation of the sizes and rho,
+    and one set of rho interpolation weights per group of entries, serve every variance.
+    Returns a list of (T1, Q), one per variance, each in the broadcast shape; the values are
+    those of ``pair_moments(n1, n2, v, v, rho)``."""
+    n1, n2, vs, rho, shape = _validate(n1, n2, [("v", v) for v in variances], rho, "analytic")
+    if n1.ndim or n2.ndim:
+        n1, n2 = _flat(n1, shape), _flat(n2, shape)
+    rho = _flat(rho, shape)
+    out = _analytic(n1, n2, [(v, v) for v in (_flat(v, shape) for v in vs)], rho)
+    return [(T.reshape(shape), Q.reshape(shape)) for T, Q in out]
