@@ -339,9 +339,17 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     spec = spec or HeadSpec(d_head=width)
     n = kx.w.shape[0]
     kx_kv = kx if kx_memory is None else kx_memory
-    kq = kx * (var_q * width) + float(bias_var[0])
-    kk = kx_kv * (var_k * width) + float(bias_var[1])
-    kv = kx_kv * (var_v * width) + float(bias_var[2])
+    done = {}
+
+    def project(src, var, bias):  # the kernel of src @ W + b (one per distinct projection)
+        key = (id(src), var, float(bias))
+        if key not in done:
+            done[key] = src * (var * width) + float(bias)
+        return done[key]
+
+    kq = project(kx, var_q, bias_var[0])
+    kk = project(kx_kv, var_k, bias_var[1])
+    kv = project(kx_kv, var_v, bias_var[2])
     raw_q = raw_k = None
     if spec.qk_norm:
         raw_q, raw_k = kq, kk

@@ -93,10 +93,11 @@ def pair_expectations(name: str, q1, q2, c):
     q1, q2, c = (np.asarray(x, float) for x in (q1, q2, c))
     norm = np.sqrt(np.maximum(q1 * q2, 1e-300))
     rho = np.clip(c / norm, -1.0, 1.0)
-    if name == "relu":
+    if name == "relu":  # sin t = sqrt((1 - rho)(1 + rho)), accurate up to |rho| = 1
         t = np.arccos(rho)
         rest = np.pi - t
-        return norm * (np.sin(t) + rest * rho) / (2 * np.pi), rest / (2 * np.pi)
+        return (norm * (np.sqrt((1.0 - rho) * (1.0 + rho)) + rest * rho) / (2 * np.pi),
+                rest / (2 * np.pi))
     q_all = np.concatenate([q.ravel() for q in np.broadcast_arrays(q1, q2)])
     if np.ptp(q_all) <= 1e-6 * np.max(q_all):
         grid, kf, kd = _table(name, float(f"{np.mean(q_all):.9g}"))

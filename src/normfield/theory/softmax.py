@@ -431,35 +431,42 @@ def _barycentric(r, rho_lo):
 
 def _interpolate(weights, tables, at):
     """``sum_k C[k, e] table[at[e], k]`` for the entries e of a group and both node tables
-    (len(pairs), _N_RHO) of `_Quadrature.node_moments`, C the normalized `_barycentric` weights;
-    ``at=None``: one pair for every entry."""
+    (len(pairs), _N_RHO) of `_Quadrature.node_moments`, C the normalized `_barycentric`
+    weights."""
     c, sums = weights
-    if at is None:
-        out = np.stack(tables)[:, 0] @ c
-    else:
-        out = np.einsum("ke,tke->te", c, np.stack(tables).swapaxes(1, 2)[:, :, at])
+    out = np.einsum("ke,tke->te", c, np.stack(tables).swapaxes(1, 2)[:, :, at])
     out /= sums
     return out
 
 
-def _groups(v1, v2, idx):
-    """Split the entries idx by their exact (v1, v2); yields (v1, v2, selection).
+def _groups(v1, v2, live):
+    """Split the live entries (a boolean mask; None: every entry) by their exact (v1, v2);
+    yields (v1, v2, selection).
 
     The variances usually take a few grid values, so groups are split off by comparison (a
     single group covering every entry is selected by a slice, without copies) and np.unique
     sorts only what is left after _PEEL groups.
     """
-    a, b = v1[idx], v2[idx]
+    equal = v1 is v2
+    if live is None:
+        idx, a, b = None, v1, v2
+    else:
+        idx = np.flatnonzero(live)
+        a = v1[idx]
+        b = a if equal else v2[idx]
     for _ in range(_PEEL):
-        if idx.size == 0:
+        if a.size == 0:
             return
-        same = (a == a[0]) & (b == b[0])
-        if idx.size == v1.size and same.all():
-            yield float(a[0]), float(b[0]), slice(None)
-            return
+        same = a == a[0] if equal else (a == a[0]) & (b == b[0])
+        if idx is None:
+            if same.all():
+                yield float(a[0]), float(b[0]), slice(None)
+                return
+            idx = np.arange(v1.size)
         yield float(a[0]), float(b[0]), idx[same]
         rest = ~same
-        idx, a, b = idx[rest], a[rest], b[rest]
+        idx, a = idx[rest], a[rest]
+        b = a if equal else b[rest]
     keys, inv = np.unique(a + 1j * b, return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
@@ -471,34 +478,58 @@ def _groups(v1, v2, idx):
 def _analytic(n1, n2, sides, rho):
     """(T1, Q) at each (v1, v2) of `sides`, flat arrays like rho; n1 and n2 are flat arrays or
     0-d (the same sizes for every entry).  The entries at one exact (v1, v2) form a group, one
-    `_Quadrature`; groups of different sides that select the same entries (and rho range)
-    share their interpolation weights."""
+    `_Quadrature`; groups that select the same entries (and rho range), in different sides,
+    share their interpolation weights and, when each has a single (n1, n2) pair, one matrix
+    product."""
     shape = rho.shape
+    fixed = n1.ndim == 0 and n2.ndim == 0
     n1b, n2b = np.broadcast_to(n1, shape), np.broadcast_to(n2, shape)
-    sizes_fixed = n1.ndim == 0 and n2.ndim == 0
-    T0, Q0 = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
-    weights = {}
-    out = []
+    out, jobs = [], {}
     for v1, v2 in sides:
-        T, Q = T0.copy(), Q0.copy()
-        live = ((v1 > 0) | (v2 > 0)) & (n2b > 1)
-        for g1, g2, sel in _groups(v1, v2, np.flatnonzero(live)):
-            a, b, r = n1b[sel], n2b[sel], rho[sel]
+        if fixed:
+            T, Q = np.full(shape, 1.0 / n2), np.full(shape, (1.0 - 1.0 / n1) / n2)
+        else:
+            T, Q = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+        out.append((T, Q))
+        if fixed and n2 <= 1:
+            continue
+        live = v1 > 0 if v1 is v2 else (v1 > 0) | (v2 > 0)
+        if not fixed:
+            live &= n2b > 1
+        for g1, g2, sel in _groups(v1, v2, None if live.all() else live):
+            r = rho[sel]
             rho_lo = 0.0 if r.min() >= 0 else -1.0
-            if sizes_fixed:
-                pairs, at = np.array([[float(n1), float(n2)]]), None
-                quad = _quadrature(g1, g2, _bucket(float(n1)), _bucket(float(n2)), rho_lo)
+            if fixed:
+                a, b = float(n1), float(n2)
+                pairs, at = np.array([[a, b]]), None
             else:
+                a, b = n1b[sel], n2b[sel]
                 pairs, at = _distinct_pairs(a, b)
-                quad = _quadrature(g1, g2, _bucket(a.max()), _bucket(b.max()), rho_lo)
+            quad = _quadrature(g1, g2, _bucket(np.max(a)), _bucket(np.max(b)), rho_lo)
             key = (rho_lo, "all" if isinstance(sel, slice) else sel.tobytes())
-            if key not in weights:
-                weights[key] = _barycentric(r, rho_lo)
-            ft, fq = _interpolate(weights[key], quad.node_moments(pairs), at)
+            jobs.setdefault(key, (r, rho_lo, []))[2].append(
+                (T, Q, sel, a, b, quad.node_moments(pairs), at))
+    for r, rho_lo, items in jobs.values():
+        c, sums = _barycentric(r, rho_lo)
+        single = [item for item in items if item[-1] is None]
+        if single:  # one matrix product for every single-pair table of these entries
+            fluct = np.concatenate([np.stack(item[5])[:, 0] for item in single]) @ c
+            fluct /= sums
+            parts = zip(single, fluct[0::2], fluct[1::2])
+        else:
+            parts = []
+        others = [(item, *_interpolate((c, sums), item[5], item[6]))
+                  for item in items if item[-1] is not None]
+        for (T, Q, sel, a, b, _, _), ft, fq in [*parts, *others]:
             T[sel] = (1.0 + ft) / b
             Q[sel] = (fq + 1.0 - 1.0 / a) / b
-        # exact limits
-        out.append((np.where(rho == 0.0, 1.0 / n2b, T), np.where(n1b == 1.0, 0.0, Q)))
+    zero, one = rho == 0.0, n1b == 1.0
+    zero, one = (np.flatnonzero(x) if x.any() else None for x in (zero, one))
+    for T, Q in out:  # exact limits
+        if zero is not None:
+            T[zero] = 1.0 / n2b[zero]
+        if one is not None:
+            Q[one] = 0.0
     return out
 
 
