@@ -202,18 +202,25 @@ def _grid(nmax, v, h, tail):
     return np.arange(lo, hi + h, h)
 
 
-def _conditional(s, rho, grid):
-    """Conditional per-entry transforms of one row given the shared factor u.
+def _conditional(s, rhos, grid):
+    """Conditional per-entry transforms of one row given the shared factor u, at each rho of
+    `rhos`.
 
     The row's logit is ``s (sign(rho) sqrt|rho| u + sqrt(1-|rho|) w)``; returns
-    ``F_m(x, u) = E_w[e^(m logit) exp(-e^x e^logit)]`` for m = 0, 1, 2, each (X, U).
+    ``F[m, k] = E_w[e^(m logit) exp(-e^x e^logit)]`` at rhos[k] for m = 0, 1, 2: an array
+    (3, len(rhos), X, U).
     """
-    r = abs(rho)
-    sg = 1.0 if rho >= 0 else -1.0
-    cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
-    e = np.exp(s * (sg * cu * _Z[:, None] + cw * _Z[None, :]))   # (U, W)
-    K = np.exp(-np.exp(grid)[:, None, None] * e[None])          # (X, U, W)
-    return K @ _ZW, (K * e) @ _ZW, (K * (e * e)) @ _ZW
+    out = np.empty((len(rhos), _Z.size, grid.size, 3))
+    scale = np.exp(grid)[:, None, None]
+    for k, rho in enumerate(rhos):
+        r = abs(rho)
+        sg = 1.0 if rho >= 0 else -1.0
+        cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
+        e = np.exp(s * (sg * cu * _Z[:, None] + cw * _Z[None, :]))   # (U, W)
+        K = np.exp(-scale * e[None])                                 # (X, U, W)
+        moments = np.stack((np.broadcast_to(_ZW, e.shape), e * _ZW, e * e * _ZW), axis=-1)
+        np.matmul(K.transpose(1, 0, 2), moments, out=out[k])         # (U, X, 3)
+    return out.transpose(3, 0, 2, 1)
 
 
 def _log_psi(s, y):
@@ -222,22 +229,23 @@ def _log_psi(s, y):
 
 
 def _combine(A, B, x, y):
-    """L = log G00 (X, Y) and the stacked weights W (5, X, Y) from the conditional transforms
-    A of row a (unsigned) and B of row b: the expectation over the shared factor u is a
-    matrix product (see `_entry_transforms`)."""
-    A0w, A1w, A2w = (F * _ZW for F in A)
+    """G00 and the stacked weights W from the conditional transforms A of row a (unsigned,
+    (3, ..., X, U)) and B of row b ((3, ..., Y, U)): the expectation over the shared factor u
+    is a matrix product (see `_entry_transforms`).  Laid out for the sums over s (x): G00 is
+    (..., Y, X) and W (..., Y, X, 5)."""
+    A0w, A1w, A2w = (F.swapaxes(-1, -2) for F in A * _ZW)    # (..., U, X)
     B0, B1, B2 = B
-    G00 = A0w @ B0.T
-    G11 = A1w @ B1.T
-    G21 = A2w @ B1.T
-    G12 = A1w @ B2.T
-    G22 = A2w @ B2.T
-    S = np.exp(x)[:, None]
-    T = np.exp(y)[None, :]
+    G00 = B0 @ A0w
+    G11 = B1 @ A1w
+    G21 = B1 @ A2w
+    G12 = B2 @ A1w
+    G22 = B2 @ A2w
+    S = np.exp(x)[None, :]
+    T = np.exp(y)[:, None]
     J = S * T
     W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22,
-                  J * S * T * G11 * G11 / G00])
-    return np.log(G00), W
+                  J * S * T * G11 * G11 / G00], axis=-1)
+    return G00, W
 
 
 def _entry_transforms(v1, v2, rho, x, y):
@@ -252,8 +260,9 @@ def _entry_transforms(v1, v2, rho, x, y):
     expectation is a matrix product over the shared factor u.
     """
     s1, s2 = np.sqrt(v1), np.sqrt(v2)
-    L, W = _combine(_conditional(s1, abs(rho), x), _conditional(s2, rho, y), x, y)
-    return L, _log_psi(s2, y), W
+    G00, W = _combine(_conditional(s1, [abs(rho)], x)[:, 0], _conditional(s2, [rho], y)[:, 0],
+                      x, y)
+    return np.log(G00.T), _log_psi(s2, y), W.transpose(2, 1, 0)
 
 
 def _contract(L, M, W, n1, n2, h):
@@ -313,19 +322,10 @@ def _rho_nodes(rho_lo):
     return nodes, bw
 
 
-def _sum_over_s(L, W, n1):
-    """``U[i] = sum_s exp((n1[i] - 1) L) W`` (len(n1), 5, Y), in chunks of bounded size."""
-    U = np.empty((n1.size, W.shape[0], L.shape[1]))
-    step = max(1, 2_000_000 // L.size)
-    for s0 in range(0, n1.size, step):
-        P = np.exp((n1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
-        U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
-    return U
-
-
 @functools.lru_cache(maxsize=128)
 def _side(v, nmax, rho_lo, signed):
-    """One row's (log s or log t) grid and its conditional transforms at every rho node.
+    """One row's (log s or log t) grid and its conditional transforms at every rho node
+    ((3, _N_RHO, X, U), read-only).
 
     Row a takes the unsigned side (|rho|), row b the signed one; they coincide for rho_lo = 0,
     so callers pass ``signed=False`` there.  Cached: a side depends on its own row only, so
@@ -333,35 +333,56 @@ def _side(v, nmax, rho_lo, signed):
     """
     grid = _grid(nmax, v, _QUAD_H, _QUAD_TAIL)
     nodes, _ = _rho_nodes(rho_lo)
-    return grid, [_conditional(np.sqrt(v), r if signed else abs(r), grid) for r in nodes]
+    F = _conditional(np.sqrt(v), nodes if signed else np.abs(nodes), grid)
+    F.flags.writeable = False
+    return grid, F
 
 
 class _Quadrature:
     """The analytic method at one (v1, v2), size buckets and rho range.
 
-    Holds the per-entry transforms at every rho node (L, W stacked over the nodes; M does not
-    depend on rho) and memoizes, exactly, per n1 the sums over the s grid
-    ``U(n1) = sum_s G00^(n1-1) W`` and per set of (n1, n2) pairs their node moments.
+    Holds the per-entry transforms at every rho node (G00 and W stacked over the nodes; M does
+    not depend on rho) and memoizes, exactly, per n1 the sums over the s grid
+    ``U(n1) = sum_s G00^(n1-1) W`` and per set of (n1, n2) pairs their node moments.  The power
+    ``G00^m`` is the product of the squarings ``G00^(2^j)`` of the bits j of m, in increasing
+    order: the same values whatever else is computed.
     """
 
     def __init__(self, v1, v2, n1max, n2max, rho_lo):
         x, A = _side(v1, n1max, rho_lo, False)
         y, B = _side(v2, n2max, rho_lo, rho_lo < 0)
         self.rho_lo = rho_lo
-        per_node = [_combine(a, b, x, y) for a, b in zip(A, B)]
-        self.L = np.stack([L for L, _ in per_node])
-        self.W = np.stack([W for _, W in per_node])
+        G00, self.W = _combine(A, B, x, y)                 # (K, Y, X), (K, Y, X, 5)
         self.M = _log_psi(np.sqrt(v2), y)
+        self._squares = [G00]
         self._rows: dict = {}
         self._pairs: dict = {}
 
+    def _power(self, m):
+        """``G00^m`` (K, Y, X) for an integer m >= 1."""
+        out, j = None, 0
+        while m:
+            if j == len(self._squares):
+                self._squares.append(self._squares[-1] * self._squares[-1])
+            if m & 1:
+                out = self._squares[j] if out is None else out * self._squares[j]
+            m >>= 1
+            j += 1
+        return out
+
     def _laplace_sums(self, un1):
-        """``U[k, i] = sum_s exp((un1[i] - 1) L_k) W_k``, shape (_N_RHO, len(un1), 5, Y)."""
-        missing = [n for n in un1 if n not in self._rows]
-        if missing:
-            U = np.stack([_sum_over_s(L, W, np.array(missing)) for L, W in zip(self.L, self.W)])
-            self._rows.update(zip(missing, U.swapaxes(0, 1)))
-        return np.stack([self._rows[n] for n in un1], axis=1)
+        """``U[k, y, i] = sum_s G00_k^(un1[i] - 1) W_k``, shape (_N_RHO, Y, len(un1), 5)."""
+        missing = [int(n) for n in un1 if n not in self._rows]
+        K, Y, X = self._squares[0].shape
+        step = max(1, 2_000_000 // (K * Y * X))
+        for s0 in range(0, len(missing), step):
+            part = missing[s0:s0 + step]
+            P = np.empty((K, Y, len(part), X))
+            for i, n in enumerate(part):
+                P[:, :, i] = 1.0 if n == 1 else self._power(n - 1)
+            U = P @ self.W                                         # (K, Y, part, 5)
+            self._rows.update((n, U[:, :, i]) for i, n in enumerate(part))
+        return np.stack([self._rows[n] for n in un1], axis=2)
 
     def node_moments(self, pairs):
         """Fluctuation parts ``Ft = n2 T1 - 1`` and ``Fq = n2 Q - (1 - 1/n1)`` of every
@@ -376,17 +397,22 @@ class _Quadrature:
 
     def _node_moments(self, pairs):
         pa, pb = pairs[:, 0], pairs[:, 1]
-        un1, n1inv = np.unique(pa, return_inverse=True)
-        U = self._laplace_sums(un1)                                  # (K, N1, 5, Y)
-        D = np.exp((pb - pa)[:, None] * self.M[None, :])             # (pairs, Y): psi^(n2-n1)
-        Ft = np.empty((pairs.shape[0], _N_RHO))
-        Fq = np.empty_like(Ft)
-        for k in range(_N_RHO):
-            R = np.einsum("py,pky->kp", D, U[k][n1inv.ravel()]) * (_QUAD_H * _QUAD_H)
-            T1 = pa * R[0]
-            Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
-            Ft[:, k] = pb * T1 - 1.0
-            Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
+        un1, ia = np.unique(pa, return_inverse=True)
+        ud, idd = np.unique(pb - pa, return_inverse=True)
+        U = self._laplace_sums(un1)                                # (K, Y, N1, 5)
+        E = np.exp(ud[:, None] * self.M[None, :])                  # (D, Y): psi^(n2-n1)
+        if un1.size * ud.size <= 4 * pairs.shape[0]:  # every (n1, n2 - n1) at once
+            K, Y, N1, _ = U.shape
+            R = (U.reshape(K, Y, N1 * 5).swapaxes(1, 2) @ E.T).reshape(K, N1, 5, -1)
+            R = R[:, ia, :, idd]                                   # (pairs, K, 5)
+        else:
+            R = np.einsum("py,kypc->pkc", E[idd], U[:, :, ia])
+        R *= _QUAD_H * _QUAD_H
+        a, b = pa[:, None], pb[:, None]
+        T1 = a * R[..., 0]
+        Q = T1 - a * (R[..., 1] + R[..., 2]) + a * R[..., 3] + a * (a - 1.0) * R[..., 4]
+        Ft = b * T1 - 1.0
+        Fq = b * Q - (1.0 - 1.0 / a)
         Ft.flags.writeable = Fq.flags.writeable = False
         return Ft, Fq
 
