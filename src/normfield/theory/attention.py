@@ -49,7 +49,8 @@ from normfield.theory.softmax import pair_moments, pair_moments_at
 
 @dataclass(frozen=True)
 class Mask:
-    """Allowed keys of each query: the prefix 0..row_len[i]-1."""
+    """Allowed keys of each query: the prefix 0..row_len[i]-1; every row the whole sequence
+    (bidirectional) or rows of distinct lengths (causal: 1..n)."""
 
     row_len: np.ndarray  # (n,) ints
     mean: np.ndarray  # (n, n): Abar
@@ -87,7 +88,7 @@ class Mask:
         if self.full:
             return self._column_means(x)
         by_len = np.zeros(x.shape[:-2] + (n + 1, x.shape[-1]))
-        np.add.at(by_len, (..., self.row_len, slice(None)), x / self.row_len[:, None])
+        by_len[..., self.row_len, :] = x / self.row_len[:, None]  # the row lengths are distinct
         return np.cumsum(by_len[..., ::-1, :], axis=-2)[..., ::-1, :][..., 1:, :]
 
     def sandwich(self, x: np.ndarray) -> np.ndarray:

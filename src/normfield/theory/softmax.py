@@ -65,6 +65,7 @@ distinct (n1, n2) pairs at new variances.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -212,13 +213,18 @@ def _conditional(s, rhos, grid):
     """
     out = np.empty((len(rhos), _Z.size, grid.size, 3))
     scale = np.exp(grid)[:, None, None]
+    shape = (_Z.size, _Z.size)
     for k, rho in enumerate(rhos):
         r = abs(rho)
         sg = 1.0 if rho >= 0 else -1.0
         cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
-        e = np.exp(s * (sg * cu * _Z[:, None] + cw * _Z[None, :]))   # (U, W)
-        K = np.exp(-scale * e[None])                                 # (X, U, W)
-        moments = np.stack((np.broadcast_to(_ZW, e.shape), e * _ZW, e * e * _ZW), axis=-1)
+        # e (U, W), kept in a broadcast shape (U, 1) or (1, W) when it depends on u or w only
+        # (r = 1 or 0: the other term is +-0, so the values are the same)
+        u_part, w_part = sg * cu * _Z[:, None], cw * _Z[None, :]
+        e = np.exp(s * (u_part if cw == 0.0 else w_part if cu == 0.0 else u_part + w_part))
+        K = np.broadcast_to(np.exp(-scale * e[None]), (grid.size,) + shape)   # (X, U, W)
+        e = np.broadcast_to(e, shape)
+        moments = np.stack((np.broadcast_to(_ZW, shape), e * _ZW, e * e * _ZW), axis=-1)
         np.matmul(K.transpose(1, 0, 2), moments, out=out[k])         # (U, X, 3)
     return out.transpose(3, 0, 2, 1)
 
@@ -299,8 +305,7 @@ _QUAD_H = 0.6       # trapezoid step in (log s, log t)
 _QUAD_TAIL = 14.0   # e-folds kept below the bulk of the (log s, log t) integrand
 _N_RHO = 13         # Chebyshev-Lobatto nodes in rho (on [0, 1], or [-1, 1] if any rho < 0)
 _PEEL = 8           # (v1, v2) groups split off by comparison before np.unique sorts the rest
-_CHUNK = 4096       # entries interpolated in rho at a time
-_PAIR_SETS = 16     # (n1, n2) pair sets whose node moments a _Quadrature keeps
+_MOMENT_CACHE_BYTES = 256 * 2**20   # node moments kept for repeated (quadrature, pair set)
 
 
 def _bucket(n):
@@ -343,7 +348,7 @@ class _Quadrature:
 
     Holds the per-entry transforms at every rho node (G00 and W stacked over the nodes; M does
     not depend on rho) and memoizes, exactly, per n1 the sums over the s grid
-    ``U(n1) = sum_s G00^(n1-1) W`` and per set of (n1, n2) pairs their node moments.  The power
+    ``U(n1) = sum_s G00^(n1-1) W``.  The power
     ``G00^m`` is the product of the squarings ``G00^(2^j)`` of the bits j of m, in increasing
     order: the same values whatever else is computed.
     """
@@ -356,7 +361,6 @@ class _Quadrature:
         self.M = _log_psi(np.sqrt(v2), y)
         self._squares = [G00]
         self._rows: dict = {}
-        self._pairs: dict = {}
 
     def _power(self, m):
         """``G00^m`` (K, Y, X) for an integer m >= 1."""
@@ -386,16 +390,7 @@ class _Quadrature:
 
     def node_moments(self, pairs):
         """Fluctuation parts ``Ft = n2 T1 - 1`` and ``Fq = n2 Q - (1 - 1/n1)`` of every
-        (n1, n2) row of `pairs` at every rho node: two arrays (len(pairs), _N_RHO).
-        Memoized on the pair set (the last _PAIR_SETS sets)."""
-        key = pairs.tobytes()
-        if key not in self._pairs:
-            if len(self._pairs) >= _PAIR_SETS:
-                self._pairs.pop(next(iter(self._pairs)))
-            self._pairs[key] = self._node_moments(pairs)
-        return self._pairs[key]
-
-    def _node_moments(self, pairs):
+        (n1, n2) row of `pairs` at every rho node: two arrays (len(pairs), _N_RHO)."""
         pa, pb = pairs[:, 0], pairs[:, 1]
         un1, ia = np.unique(pa, return_inverse=True)
         ud, idd = np.unique(pb - pa, return_inverse=True)
@@ -417,7 +412,28 @@ class _Quadrature:
         return Ft, Fq
 
 
-_quadrature = functools.lru_cache(maxsize=128)(_Quadrature)
+_quadrature = functools.lru_cache(maxsize=64)(_Quadrature)
+
+_MOMENTS: collections.OrderedDict = collections.OrderedDict()
+_MOMENTS_BYTES = [0]
+
+
+def _node_moments(key, pairs):
+    """``_quadrature(*key).node_moments(pairs)``, memoized on (key, pair set) in a cache of at
+    most _MOMENT_CACHE_BYTES (least recently used first out), so that a repeated call needs
+    no quadrature at all."""
+    mkey = (key, pairs.tobytes())
+    tables = _MOMENTS.get(mkey)
+    if tables is not None:
+        _MOMENTS.move_to_end(mkey)
+        return tables
+    tables = _quadrature(*key).node_moments(pairs)
+    _MOMENTS[mkey] = tables
+    _MOMENTS_BYTES[0] += 2 * tables[0].nbytes
+    while _MOMENTS_BYTES[0] > _MOMENT_CACHE_BYTES and len(_MOMENTS) > 1:
+        _, old = _MOMENTS.popitem(last=False)
+        _MOMENTS_BYTES[0] -= 2 * old[0].nbytes
+    return tables
 
 
 def _distinct_pairs(n1, n2):
@@ -531,10 +547,10 @@ def _analytic(n1, n2, sides, rho):
             else:
                 a, b = n1b[sel], n2b[sel]
                 pairs, at = _distinct_pairs(a, b)
-            quad = _quadrature(g1, g2, _bucket(np.max(a)), _bucket(np.max(b)), rho_lo)
+            tables = _node_moments((g1, g2, _bucket(np.max(a)), _bucket(np.max(b)), rho_lo),
+                                   pairs)
             key = (rho_lo, "all" if isinstance(sel, slice) else sel.tobytes())
-            jobs.setdefault(key, (r, rho_lo, []))[2].append(
-                (T, Q, sel, a, b, quad.node_moments(pairs), at))
+            jobs.setdefault(key, (r, rho_lo, []))[2].append((T, Q, sel, a, b, tables, at))
     for r, rho_lo, items in jobs.values():
         c, sums = _barycentric(r, rho_lo)
         single = [item for item in items if item[-1] is None]
