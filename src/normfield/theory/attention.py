@@ -128,13 +128,17 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
     scaled = np.log(np.maximum(v, V_FLOOR)) / LOG_STEP
     k = np.floor(scaled)
     w = scaled - k
-    if np.isfinite(scaled).all():
-        # exp(k * LOG_STEP) for the few distinct grid indices k, looked up (the same values)
-        k0 = int(k.min())
-        grid = np.exp(np.arange(k0, int(k.max()) + 2) * LOG_STEP)
-        at = (k - k0).astype(np.intp)
-        v_lo, v_hi = grid[at], grid[at + 1]
-    else:  # NaN variances: left to pair_moments to report
+    k0, k1 = k.min(), k.max()
+    if np.isfinite(k0) and np.isfinite(k1):
+        # exp(k * LOG_STEP) for the few distinct grid indices k, looked up (the same values);
+        # a single grid cell gives 0-d variances
+        grid = np.exp(np.arange(int(k0), int(k1) + 2) * LOG_STEP)
+        if k0 == k1:
+            v_lo, v_hi = grid[0, None].reshape(()), grid[1, None].reshape(())
+        else:
+            at = (k - k0).astype(np.intp)
+            v_lo, v_hi = grid[at], grid[at + 1]
+    else:  # NaN variances: left to pair_moments_at to report
         v_lo, v_hi = np.exp(k * LOG_STEP), np.exp((k + 1) * LOG_STEP)
     if small.any():
         w = np.where(small, v / V_FLOOR, w)

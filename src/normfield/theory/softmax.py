@@ -483,12 +483,15 @@ def _interpolate(weights, tables, at):
 
 def _groups(v1, v2, live):
     """Split the live entries (a boolean mask; None: every entry) by their exact (v1, v2);
-    yields (v1, v2, selection).
+    yields (v1, v2, selection).  0-d variances are one group.
 
     The variances usually take a few grid values, so groups are split off by comparison (a
     single group covering every entry is selected by a slice, without copies) and np.unique
     sorts only what is left after _PEEL groups.
     """
+    if v1.ndim == 0 and v2.ndim == 0:
+        yield float(v1), float(v2), slice(None) if live is None else np.flatnonzero(live)
+        return
     equal = v1 is v2
     if live is None:
         idx, a, b = None, v1, v2
@@ -518,26 +521,25 @@ def _groups(v1, v2, live):
 
 
 def _analytic(n1, n2, sides, rho):
-    """(T1, Q) at each (v1, v2) of `sides`, flat arrays like rho; n1 and n2 are flat arrays or
-    0-d (the same sizes for every entry).  The entries at one exact (v1, v2) form a group, one
-    `_Quadrature`; groups that select the same entries (and rho range), in different sides,
-    share their interpolation weights and, when each has a single (n1, n2) pair, one matrix
-    product."""
+    """(T1, Q) at each (v1, v2) of `sides`; rho a flat array, the variances flat arrays like it
+    or 0-d (the same for every entry), n1 and n2 too.  The entries at one exact (v1, v2) form
+    a group, one `_Quadrature`; groups that select the same entries (and rho range), in
+    different sides, share their interpolation weights and, when each has a single (n1, n2)
+    pair, one matrix product."""
     shape = rho.shape
     fixed = n1.ndim == 0 and n2.ndim == 0
     n1b, n2b = np.broadcast_to(n1, shape), np.broadcast_to(n2, shape)
     out, jobs = [], {}
     for v1, v2 in sides:
-        if fixed:
-            T, Q = np.full(shape, 1.0 / n2), np.full(shape, (1.0 - 1.0 / n1) / n2)
-        else:
-            T, Q = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
-        out.append((T, Q))
+        res = [None, None]  # T1, Q: filled by the groups, uniform-limit values elsewhere
+        out.append(res)
         if fixed and n2 <= 1:
             continue
         live = v1 > 0 if v1 is v2 else (v1 > 0) | (v2 > 0)
         if not fixed:
-            live &= n2b > 1
+            live = live & (n2b > 1)
+        if not live.any():
+            continue
         for g1, g2, sel in _groups(v1, v2, None if live.all() else live):
             r = rho[sel]
             rho_lo = 0.0 if r.min() >= 0 else -1.0
@@ -550,29 +552,38 @@ def _analytic(n1, n2, sides, rho):
             tables = _node_moments((g1, g2, _bucket(np.max(a)), _bucket(np.max(b)), rho_lo),
                                    pairs)
             key = (rho_lo, "all" if isinstance(sel, slice) else sel.tobytes())
-            jobs.setdefault(key, (r, rho_lo, []))[2].append((T, Q, sel, a, b, tables, at))
+            jobs.setdefault(key, (r, rho_lo, []))[2].append((res, sel, a, b, tables, at))
     for r, rho_lo, items in jobs.values():
         c, sums = _barycentric(r, rho_lo)
         single = [item for item in items if item[-1] is None]
         if single:  # one matrix product for every single-pair table of these entries
-            fluct = np.concatenate([np.stack(item[5])[:, 0] for item in single]) @ c
+            fluct = np.concatenate([np.stack(item[4])[:, 0] for item in single]) @ c
             fluct /= sums
             parts = zip(single, fluct[0::2], fluct[1::2])
         else:
             parts = []
-        others = [(item, *_interpolate((c, sums), item[5], item[6]))
+        others = [(item, *_interpolate((c, sums), item[4], item[5]))
                   for item in items if item[-1] is not None]
-        for (T, Q, sel, a, b, _, _), ft, fq in [*parts, *others]:
-            T[sel] = (1.0 + ft) / b
-            Q[sel] = (fq + 1.0 - 1.0 / a) / b
-    zero, one = rho == 0.0, n1b == 1.0
-    zero, one = (np.flatnonzero(x) if x.any() else None for x in (zero, one))
-    for T, Q in out:  # exact limits
-        if zero is not None:
-            T[zero] = 1.0 / n2b[zero]
+        for (res, sel, a, b, _, _), ft, fq in [*parts, *others]:
+            t, q = (1.0 + ft) / b, (fq + 1.0 - 1.0 / a) / b
+            if isinstance(sel, slice):
+                res[:] = t, q
+                continue
+            if res[0] is None:
+                res[:] = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+            res[0][sel], res[1][sel] = t, q
+    zero = rho == 0.0
+    zero = np.flatnonzero(zero) if zero.any() else None
+    one = (n1 == 1.0) if fixed else n1b == 1.0
+    one = None if not one.any() else slice(None) if fixed else np.flatnonzero(one)
+    for res in out:
+        if res[0] is None:
+            res[:] = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+        if zero is not None:  # exact limits
+            res[0][zero] = 1.0 / n2b[zero]
         if one is not None:
-            Q[one] = 0.0
-    return out
+            res[1][one] = 0.0
+    return [tuple(res) for res in out]
 
 
 def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
