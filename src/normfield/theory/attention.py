@@ -36,6 +36,7 @@ fluctuations, so their blocks keep only the mean-attention terms.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -92,12 +93,26 @@ class Mask:
         return np.cumsum(by_len[..., ::-1, :], axis=-2)[..., ::-1, :][..., 1:, :]
 
     def sandwich(self, x: np.ndarray) -> np.ndarray:
-        """``Abar @ x @ Abar.T``."""
+        """``Abar @ x @ Abar.T`` (a new array)."""
+        if self.full:
+            return self._full_sandwich(x)
         return self.left(self.left(x).swapaxes(-1, -2)).swapaxes(-1, -2)
 
     def sandwich_t(self, x: np.ndarray) -> np.ndarray:
-        """``Abar.T @ x @ Abar``."""
+        """``Abar.T @ x @ Abar`` (a new array)."""
+        if self.full:
+            return self._full_sandwich(x)
         return self.left_t(self.left_t(x).swapaxes(-1, -2)).swapaxes(-1, -2)
+
+    @staticmethod
+    def _full_sandwich(x: np.ndarray) -> np.ndarray:
+        """Both products for Abar = 1 1^T / n: every entry is the mean of the column means,
+        summed in order (as the column-means of the broadcast column means sum)."""
+        n = x.shape[-1]
+        grand = np.cumsum(np.add.reduce(x, axis=-2) / n, axis=-1)[..., -1] / n
+        out = np.empty(x.shape)
+        out[...] = grand[..., None, None]
+        return out
 
     @cached_property
     def _pair_sets(self):
@@ -190,8 +205,14 @@ def _spread_by_set(weights: np.ndarray, n1) -> np.ndarray:
 def _double_centred(k: np.ndarray) -> np.ndarray:
     """``k`` minus its row means and column means plus its grand mean (over the last two axes:
     k may be a stack of matrices)."""
-    return (k - k.mean(axis=-1, keepdims=True) - k.mean(axis=-2, keepdims=True)
-            + k.mean(axis=(-2, -1), keepdims=True))
+    return k - _mean(k, -1) - _mean(k, -2) + _mean(k, (-2, -1))
+
+
+def _mean(x: np.ndarray, axis) -> np.ndarray:
+    """``x.mean(axis, keepdims=True)`` (the same sum and division) without np.mean's
+    Python-level overhead."""
+    count = math.prod(x.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
+    return np.add.reduce(x, axis=axis, keepdims=True) / count
 
 
 def _t(x: np.ndarray) -> np.ndarray:
@@ -207,7 +228,7 @@ def _mean_query_term(mask: Mask, kk, kv):
     (i, i'), D the double centring (D(K_v) has zero row and column sums); centring both first
     keeps near-collapsed kernels (K = c + eps E) free of cancellation: the term is O(eps^2)."""
     if mask.full:
-        term = np.mean(_double_centred(kk) * _double_centred(kv), axis=(-2, -1), keepdims=True)
+        term = _mean(_double_centred(kk) * _double_centred(kv), (-2, -1))
         return np.broadcast_to(term, kk.shape).copy()
     x, y = _t(mask.left(_t(kv))), mask.left(kv)  # K_v Abar^T, Abar K_v
     kk_r, kk_l = _t(mask.left(_t(kk))), mask.left(kk)  # K_k Abar^T, Abar K_k
@@ -219,7 +240,7 @@ def _mean_key_term(mask: Mask, w, kv):
     """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j') (or a
     stack of them).  Bidirectional: ``mean(W) D(K_v)`` (see `_mean_query_term`)."""
     if mask.full:
-        return np.mean(w, axis=(-2, -1), keepdims=True) * _double_centred(kv)
+        return _mean(w, (-2, -1)) * _double_centred(kv)
     x, y = _t(mask.left(_t(kv))), mask.left(kv)
     wa = _t(mask.left_t(_t(w)))  # W Abar
     atw = mask.left_t(w)  # Abar^T W
@@ -349,7 +370,7 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     def project(src, var, bias):  # the kernel of src @ W + b (one per distinct projection)
         key = (id(src), var, float(bias))
         if key not in done:
-            done[key] = src * (var * width) + float(bias)
+            done[key] = src * (var * width) + float(bias) if bias else src * (var * width)
         return done[key]
 
     kq = project(kx, var_q, bias_var[0])
@@ -379,7 +400,7 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     t1, q = softmax_moments(n1, n2, np.sqrt(row_var[:, None] * row_var[None, :]), rho, method)
     a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
-    ko = mask.sandwich(kv.a).copy()
+    ko = mask.sandwich(kv.a)
     ko[0] += a_fluct * spread_v
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv, rk, n1, raw_q, raw_k)
     return Blocks.of(ko), state
@@ -391,7 +412,7 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     cross-attention G_k and G_v live on the memory tokens)."""
     spec = spec or HeadSpec(d_head=go.w.shape[0])
     rot = Rotary.build(go.w.shape[0], spec.d_head if spec.rope else None)
-    gv = mask.sandwich_t(go.a).copy()
+    gv = mask.sandwich_t(go.a)
     gv[0] += _spread_by_set(st.a_fluct * go.w, st.n1)
     gq = rot.modulated(lambda k: _mean_query_term(mask, k, st.kv.a), st.kk.a)
     gq[0] += st.rv * st.rk * st.q_fluct

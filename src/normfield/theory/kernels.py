@@ -17,7 +17,8 @@ class Blocks:
 
     Stored as one (2, n, n) float array `a` (``a[0] = w``, ``a[1] = c``; `w` and `c` are views
     of it), so that every elementwise operation on both blocks is one numpy call.  Treated as
-    immutable except where a caller fills a fresh kernel's diagonal in place."""
+    immutable (operations may return an operand itself) except where a caller fills a fresh
+    kernel's diagonal in place."""
 
     __slots__ = ("a",)
 
@@ -43,7 +44,11 @@ class Blocks:
         return Blocks.of(self.a + (other.a if isinstance(other, Blocks) else other))
 
     def __mul__(self, factor) -> "Blocks":
-        return Blocks.of(self.a * (factor.a if isinstance(factor, Blocks) else factor))
+        if isinstance(factor, Blocks):
+            return Blocks.of(self.a * factor.a)
+        if isinstance(factor, float) and factor == 1.0:  # x * 1.0 == x: the kernel itself
+            return self
+        return Blocks.of(self.a * factor)
 
     __rmul__ = __mul__
 

@@ -44,7 +44,9 @@ class Point:
 
 
 def linear_forward(x: Point, var_w: float, var_b: float, fan_out: int) -> Point:
-    k = x.k * (var_w * x.width) + float(var_b)
+    k = x.k * (var_w * x.width)
+    if var_b:
+        k = k + float(var_b)
     return Point(k, k * (1.0 / fan_out), fan_out)
 
 

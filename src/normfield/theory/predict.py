@@ -13,6 +13,7 @@ on the diagonal), with the softmax moments of `softmax.pair_moments` over the V 
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -32,6 +33,12 @@ METHODS = ("analytic", "mc")
 STORE_LIMIT_BYTES = 2e9
 
 
+@functools.lru_cache(maxsize=16)
+def _stack_vars(arch: Arch, stack: Stack) -> dict[str, tuple[float, float]]:
+    """The memo of `_Block._var` shared by the blocks of one stack of one arch."""
+    return {}
+
+
 class _Block:
     """Forward and backward interpretation of one block's steps (`stack` gives the init rules;
     `masks` the attention masks by kind)."""
@@ -41,11 +48,12 @@ class _Block:
         self.phi = GATED_ACTIVATIONS.get(arch.activation, arch.activation)
         self.heads = attention.HeadSpec(arch.d_head, arch.positions == "rope", arch.qk_norm,
                                         arch.norm_eps, arch.qk_temperature)
-        self._vars: dict[str, tuple[float, float]] = {}
+        self._vars = _stack_vars(arch, stack)
 
     def _var(self, name: str) -> tuple[float, float]:
-        """(weight variance, bias variance) of a parameter, resolved once per block (the
-        forward and backward passes ask for each several times)."""
+        """(weight variance, bias variance) of a parameter, resolved once per stack (the
+        forward and backward passes ask for each several times, and every block of a stack has
+        the same init)."""
         if name not in self._vars:
             var_b = self.arch.bias_init(name).std ** 2 if self.arch.bias else 0.0
             self._vars[name] = (self.arch.param_init(name, self.stack).std ** 2, var_b)

@@ -87,6 +87,9 @@ _FMAX = np.finfo(np.float64).max
 
 def _within(x, lo, hi, whole=False):
     """Whether every entry of x lies in [lo, hi] (NaN does not) and, if `whole`, is an integer."""
+    if x.ndim == 0:
+        value = float(x)
+        return lo <= value <= hi and (not whole or value == round(value))
     if x.size == 0:
         return True
     if not (x.min() >= lo and x.max() <= hi):
@@ -103,7 +106,7 @@ def _validate(n1, n2, variances, rho, method):
         raise ValueError(f"invalid method={method!r}: expected one of {_METHODS}")
     n1 = np.asarray(n1)
     n2 = np.asarray(n2)
-    whole1, whole2 = (not np.issubdtype(n.dtype, np.integer) for n in (n1, n2))
+    whole1, whole2 = (n.dtype.kind not in "iu" for n in (n1, n2))
     vs = [np.asarray(v, dtype=np.float64) for _, v in variances]
     rho = np.asarray(rho, dtype=np.float64)
     n1f = n1.astype(np.float64)
@@ -112,7 +115,7 @@ def _validate(n1, n2, variances, rho, method):
         bad = ~np.isfinite(n1f) | (n1f < 1) | (n1f != np.round(n1f))
         raise ValueError(
             f"invalid n1={n1f[bad].ravel()[0]:g}: expected an integer n1 >= 1")
-    n1b, n2b = np.broadcast_arrays(n1f, n2f)
+    n1b, n2b = (n1f, n2f) if n1f.ndim == n2f.ndim == 0 else np.broadcast_arrays(n1f, n2f)
     if not (_within(n2f, 1.0, _FMAX, whole2) and np.all(n2b >= n1b)):
         bad = ~np.isfinite(n2b) | (n2b != np.round(n2b)) | (n2b < n1b)
         i = np.flatnonzero(bad.ravel())[0]
@@ -134,7 +137,7 @@ def _validate(n1, n2, variances, rho, method):
 
 def _flat(x, shape):
     """x broadcast to `shape`, as a flat array."""
-    return np.broadcast_to(x, shape).ravel()
+    return (x if x.shape == shape else np.broadcast_to(x, shape)).ravel()
 
 
 # ---------------------------------------------------------------------------
@@ -624,5 +627,6 @@ def pair_moments_at(n1, n2, variances, rho):
     if n1.ndim or n2.ndim:
         n1, n2 = _flat(n1, shape), _flat(n2, shape)
     rho = _flat(rho, shape)
-    out = _analytic(n1, n2, [(v, v) for v in (_flat(v, shape) for v in vs)], rho)
+    out = _analytic(n1, n2, [(v, v) for v in (v if v.ndim == 0 else _flat(v, shape) for v in vs)],
+                    rho)
     return [(T.reshape(shape), Q.reshape(shape)) for T, Q in out]
