@@ -173,12 +173,14 @@ def prefix_spread(k: np.ndarray) -> np.ndarray:
 
 def independent_variance(k: np.ndarray) -> np.ndarray:
     """r(S) = n/(n-1) (mean diag - mean) over each prefix S (0 for a single key)."""
-    return _variance_from_spread(prefix_spread(k), np.arange(1, k.shape[0] + 1))
+    return _per_extra_key(prefix_spread(k), np.arange(1, k.shape[0] + 1))
 
 
-def _variance_from_spread(spread, m):
-    """r(S) of a set of m keys from its spread (`prefix_spread`)."""
-    return np.where(m > 1, spread / np.maximum(m - 1, 1), 0.0)
+def _per_extra_key(x, m):
+    """``x / (m - 1)`` where m > 1, else 0, for set sizes m (an array, or an integer)."""
+    if isinstance(m, int):
+        return x / (m - 1) if m > 1 else np.zeros_like(x)
+    return np.where(m > 1, x / np.maximum(m - 1, 1), 0.0)
 
 
 def _whole_spread(k: np.ndarray) -> float:
@@ -190,10 +192,10 @@ def _spread_by_set(weights: np.ndarray, n1) -> np.ndarray:
     """``sum_{ii'} weights(i, i') (delta_jj' - 1/n1) 1[j, j' < n1(i, i')]`` as an (n, n) matrix;
     n1 an (n, n) array, or the integer n when every pair shares the whole sequence."""
     n = weights.shape[0]
-    if np.ndim(n1) == 0:  # the same values as below: only set size n has weight
+    if isinstance(n1, int):  # the same values as below: only set size n has weight
         total = np.cumsum(weights.ravel())[-1]
         out = np.full((n, n), 0.0 - total / n)
-        np.fill_diagonal(out, total - total / n)
+        out.reshape(-1)[::n + 1] = total - total / n
         return out
     w_m = np.bincount((n1 - 1).ravel(), weights=weights.ravel(), minlength=n)  # by set size m+1
     suffix = np.cumsum(w_m[::-1])[::-1]  # sum over sets containing index j: m >= j
@@ -384,21 +386,22 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     if mask.full:  # every pair of rows shares the whole sequence: per-set values are scalars
         n1 = n2 = n
         spread_v = _whole_spread(kv.w)
-        rk = rk_rows = _variance_from_spread(_whole_spread(rot.apply(kk.w)), n)
-        rv = _variance_from_spread(spread_v, n)
+        shared = kk is kv and rot.identity
+        rk = rk_rows = _per_extra_key(spread_v if shared else _whole_spread(rot.apply(kk.w)), n)
+        rv = _per_extra_key(spread_v, n)
     else:
         n1, n2 = mask.pair_sets()
         m = np.arange(1, n + 1)
         spread_v_set = prefix_spread(kv.w)
-        rk_set = _variance_from_spread(prefix_spread(rot.apply(kk.w)), m)
-        rv_set = _variance_from_spread(spread_v_set, m)
+        rk_set = _per_extra_key(prefix_spread(rot.apply(kk.w)), m)
+        rv_set = _per_extra_key(spread_v_set, m)
         rk_rows, rk, rv, spread_v = (rk_set[mask.row_len - 1], rk_set[n1 - 1], rv_set[n1 - 1],
                                      spread_v_set[n1 - 1])
     row_var = kq.diag * rk_rows
     qd = np.sqrt(kq.diag)
     rho = np.clip(rot.apply(kq.w) / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
     t1, q = softmax_moments(n1, n2, np.sqrt(row_var[:, None] * row_var[None, :]), rho, method)
-    a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
+    a_fluct = _per_extra_key(t1 - 1.0 / n2, n1)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
     ko = mask.sandwich(kv.a)
     ko[0] += a_fluct * spread_v
@@ -414,13 +417,18 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     rot = Rotary.build(go.w.shape[0], spec.d_head if spec.rope else None)
     gv = mask.sandwich_t(go.a)
     gv[0] += _spread_by_set(st.a_fluct * go.w, st.n1)
-    gq = rot.modulated(lambda k: _mean_query_term(mask, k, st.kv.a), st.kk.a)
+    wk = go * st.kq
+    if mask.full and rot.identity:  # the bidirectional mean terms, each kernel centred once
+        dv = _double_centred(st.kv.a)
+        gq = np.empty(dv.shape)
+        gq[...] = _mean((dv if st.kk is st.kv else _double_centred(st.kk.a)) * dv, (-2, -1))
+        gk = _mean(wk.a, (-2, -1)) * dv
+    else:
+        gq = rot.modulated(lambda k: _mean_query_term(mask, k, st.kv.a), st.kk.a)
+        gk = rot.modulated(lambda w: _mean_key_term(mask, w, st.kv.a), wk.a)
     gq[0] += st.rv * st.rk * st.q_fluct
     gq *= go.a
-    wk = go * st.kq
-    k_fluct = np.where(st.n1 > 1, st.q_fluct / np.maximum(st.n1 - 1, 1), 0.0) * st.rv
-    gk = rot.modulated(lambda w: _mean_key_term(mask, w, st.kv.a), wk.a)
-    gk[0] += _spread_by_set(wk.w * k_fluct, st.n1)
+    gk[0] += _spread_by_set(wk.w * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
     gq, gk, gv = Blocks.of(gq), Blocks.of(gk), Blocks.of(gv)
     if spec.qk_norm:
         c2 = spec.query_scale_sq

@@ -114,7 +114,7 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     r2 = cosine(y.k).a
     r2 *= r2
     fac = (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
-    np.fill_diagonal(fac[0], (d - p) / d * k / (k - 2))
+    fac[0].reshape(-1)[::fac.shape[-1] + 1] = (d - p) / d * k / (k - 2)  # the diagonal
     return Blocks.of(g.a * fac * (1.0 / np.outer(scale, scale)))
 
 
