@@ -393,7 +393,7 @@ class _Quadrature:
 
     def node_moments(self, pairs):
         """Fluctuation parts ``Ft = n2 T1 - 1`` and ``Fq = n2 Q - (1 - 1/n1)`` of every
-        (n1, n2) row of `pairs` at every rho node: two arrays (len(pairs), _N_RHO)."""
+        (n1, n2) row of `pairs` at every rho node: one array (2, len(pairs), _N_RHO)."""
         pa, pb = pairs[:, 0], pairs[:, 1]
         un1, ia = np.unique(pa, return_inverse=True)
         ud, idd = np.unique(pb - pa, return_inverse=True)
@@ -409,10 +409,9 @@ class _Quadrature:
         a, b = pa[:, None], pb[:, None]
         T1 = a * R[..., 0]
         Q = T1 - a * (R[..., 1] + R[..., 2]) + a * R[..., 3] + a * (a - 1.0) * R[..., 4]
-        Ft = b * T1 - 1.0
-        Fq = b * Q - (1.0 - 1.0 / a)
-        Ft.flags.writeable = Fq.flags.writeable = False
-        return Ft, Fq
+        tables = np.stack((b * T1 - 1.0, b * Q - (1.0 - 1.0 / a)))
+        tables.flags.writeable = False
+        return tables
 
 
 _quadrature = functools.lru_cache(maxsize=64)(_Quadrature)
@@ -432,10 +431,10 @@ def _node_moments(key, pairs):
         return tables
     tables = _quadrature(*key).node_moments(pairs)
     _MOMENTS[mkey] = tables
-    _MOMENTS_BYTES[0] += 2 * tables[0].nbytes
+    _MOMENTS_BYTES[0] += tables.nbytes
     while _MOMENTS_BYTES[0] > _MOMENT_CACHE_BYTES and len(_MOMENTS) > 1:
         _, old = _MOMENTS.popitem(last=False)
-        _MOMENTS_BYTES[0] -= 2 * old[0].nbytes
+        _MOMENTS_BYTES[0] -= old.nbytes
     return tables
 
 
@@ -476,10 +475,10 @@ def _barycentric(r, rho_lo):
 
 def _interpolate(weights, tables, at):
     """``sum_k C[k, e] table[at[e], k]`` for the entries e of a group and both node tables
-    (len(pairs), _N_RHO) of `_Quadrature.node_moments`, C the normalized `_barycentric`
+    (2, len(pairs), _N_RHO) of `_Quadrature.node_moments`, C the normalized `_barycentric`
     weights."""
     c, sums = weights
-    out = np.einsum("ke,tke->te", c, np.stack(tables).swapaxes(1, 2)[:, :, at])
+    out = np.einsum("ke,tke->te", c, tables.swapaxes(1, 2)[:, :, at])
     out /= sums
     return out
 
@@ -529,14 +528,23 @@ def _analytic(n1, n2, sides, rho):
     a group, one `_Quadrature`; groups that select the same entries (and rho range), in
     different sides, share their interpolation weights and, when each has a single (n1, n2)
     pair, one matrix product."""
-    shape = rho.shape
     fixed = n1.ndim == 0 and n2.ndim == 0
-    n1b, n2b = np.broadcast_to(n1, shape), np.broadcast_to(n2, shape)
-    out, jobs = [], {}
+    if fixed:
+        a, b = float(n1), float(n2)
+        pair = np.array([[a, b]])
+        n1b, n2b, buckets = a, b, (_bucket(a), _bucket(b))
+    else:
+        n1b, n2b = np.broadcast_to(n1, rho.shape), np.broadcast_to(n2, rho.shape)
+    def uniform():  # T1 and Q of uniform attention, for every entry
+        if fixed:
+            return np.full(rho.shape, 1.0 / b), np.full(rho.shape, (1.0 - 1.0 / a) / b)
+        return 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+
+    out, jobs, ranges = [], {}, {}
     for v1, v2 in sides:
         res = [None, None]  # T1, Q: filled by the groups, uniform-limit values elsewhere
         out.append(res)
-        if fixed and n2 <= 1:
+        if fixed and b <= 1:
             continue
         live = v1 > 0 if v1 is v2 else (v1 > 0) | (v2 > 0)
         if not fixed:
@@ -544,27 +552,28 @@ def _analytic(n1, n2, sides, rho):
         if not live.any():
             continue
         for g1, g2, sel in _groups(v1, v2, None if live.all() else live):
-            r = rho[sel]
-            rho_lo = 0.0 if r.min() >= 0 else -1.0
+            key = "all" if isinstance(sel, slice) else sel.tobytes()
+            if key not in ranges:
+                r = rho[sel]
+                ranges[key] = r, 0.0 if r.min() >= 0 else -1.0
+            r, rho_lo = ranges[key]
             if fixed:
-                a, b = float(n1), float(n2)
-                pairs, at = np.array([[a, b]]), None
+                pairs, at = pair, None
             else:
                 a, b = n1b[sel], n2b[sel]
                 pairs, at = _distinct_pairs(a, b)
-            tables = _node_moments((g1, g2, _bucket(np.max(a)), _bucket(np.max(b)), rho_lo),
-                                   pairs)
-            key = (rho_lo, "all" if isinstance(sel, slice) else sel.tobytes())
-            jobs.setdefault(key, (r, rho_lo, []))[2].append((res, sel, a, b, tables, at))
+                buckets = _bucket(a.max()), _bucket(b.max())
+            tables = _node_moments((g1, g2, *buckets, rho_lo), pairs)
+            jobs.setdefault((rho_lo, key), (r, rho_lo, []))[2].append((res, sel, a, b, tables,
+                                                                       at))
     for r, rho_lo, items in jobs.values():
         c, sums = _barycentric(r, rho_lo)
         single = [item for item in items if item[-1] is None]
+        parts = []
         if single:  # one matrix product for every single-pair table of these entries
-            fluct = np.concatenate([np.stack(item[4])[:, 0] for item in single]) @ c
+            fluct = np.concatenate([item[4][:, 0] for item in single]) @ c
             fluct /= sums
             parts = zip(single, fluct[0::2], fluct[1::2])
-        else:
-            parts = []
         others = [(item, *_interpolate((c, sums), item[4], item[5]))
                   for item in items if item[-1] is not None]
         for (res, sel, a, b, _, _), ft, fq in [*parts, *others]:
@@ -573,20 +582,23 @@ def _analytic(n1, n2, sides, rho):
                 res[:] = t, q
                 continue
             if res[0] is None:
-                res[:] = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+                res[:] = uniform()
             res[0][sel], res[1][sel] = t, q
     zero = rho == 0.0
     zero = np.flatnonzero(zero) if zero.any() else None
-    one = (n1 == 1.0) if fixed else n1b == 1.0
-    one = None if not one.any() else slice(None) if fixed else np.flatnonzero(one)
+    if fixed:
+        one = slice(None) if n1 == 1 else None
+    else:
+        one = n1b == 1.0
+        one = np.flatnonzero(one) if one.any() else None
     for res in out:
         if res[0] is None:
-            res[:] = 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+            res[:] = uniform()
         if zero is not None:  # exact limits
-            res[0][zero] = 1.0 / n2b[zero]
+            res[0][zero] = 1.0 / (n2b if fixed else n2b[zero])
         if one is not None:
             res[1][one] = 0.0
-    return [tuple(res) for res in out]
+    return out
 
 
 def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
@@ -622,7 +634,8 @@ def pair_moments_at(n1, n2, variances, rho):
     array v of `variances`, at the same n1, n2 and rho: one validation of the sizes and rho,
     and one set of rho interpolation weights per group of entries, serve every variance.
     Returns a list of (T1, Q), one per variance, each in the broadcast shape; the values are
-    those of ``pair_moments(n1, n2, v, v, rho)``."""
+    those of ``pair_moments(n1, n2, v, v, rho)`` up to rounding (single-pair groups of all the
+    variances are interpolated by one matrix product)."""
     n1, n2, vs, rho, shape = _validate(n1, n2, [("v", v) for v in variances], rho, "analytic")
     if n1.ndim or n2.ndim:
         n1, n2 = _flat(n1, shape), _flat(n2, shape)
