@@ -131,7 +131,8 @@ def _validate(n1, n2, variances, rho, method):
         bad = ~np.isfinite(rho) | (rho < -1) | (rho > 1)
         raise ValueError(
             f"invalid rho={rho[bad].ravel()[0]:g}: expected -1 <= rho <= 1")
-    shape = np.broadcast_shapes(n1b.shape, rho.shape, *(v.shape for v in vs))
+    shapes = [x.shape for x in (n1b, *vs) if x.ndim]
+    shape = np.broadcast_shapes(rho.shape, *shapes) if shapes else rho.shape
     return n1f, n2f, vs, rho, shape
 
 
@@ -546,12 +547,18 @@ def _analytic(n1, n2, sides, rho):
         out.append(res)
         if fixed and b <= 1:
             continue
-        live = v1 > 0 if v1 is v2 else (v1 > 0) | (v2 > 0)
-        if not fixed:
-            live = live & (n2b > 1)
-        if not live.any():
-            continue
-        for g1, g2, sel in _groups(v1, v2, None if live.all() else live):
+        if fixed and v1.ndim == 0 and v2.ndim == 0:  # one group, or none
+            if not (v1 > 0 or v2 > 0):
+                continue
+            groups = [(float(v1), float(v2), slice(None))]
+        else:
+            live = v1 > 0 if v1 is v2 else (v1 > 0) | (v2 > 0)
+            if not fixed:
+                live = live & (n2b > 1)
+            if not live.any():
+                continue
+            groups = _groups(v1, v2, None if live.all() else live)
+        for g1, g2, sel in groups:
             key = "all" if isinstance(sel, slice) else sel.tobytes()
             if key not in ranges:
                 r = rho[sel]
