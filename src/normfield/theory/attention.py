@@ -217,6 +217,11 @@ def _mean(x: np.ndarray, axis) -> np.ndarray:
     return np.add.reduce(x, axis=axis, keepdims=True) / count
 
 
+def _clip_unit(x: np.ndarray) -> np.ndarray:
+    """``np.clip(x, -1, 1)`` (the same values, NaN kept) without its Python-level overhead."""
+    return np.minimum(np.maximum(x, -1.0), 1.0)
+
+
 def _t(x: np.ndarray) -> np.ndarray:
     """Transpose of a matrix or of every matrix in a stack."""
     return x.swapaxes(-1, -2)
@@ -399,7 +404,7 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
                                      spread_v_set[n1 - 1])
     row_var = kq.diag * rk_rows
     qd = np.sqrt(kq.diag)
-    rho = np.clip(rot.apply(kq.w) / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
+    rho = _clip_unit(rot.apply(kq.w) / np.maximum(qd[:, None] * qd[None, :], 1e-300))
     t1, q = softmax_moments(n1, n2, np.sqrt(row_var[:, None] * row_var[None, :]), rho, method)
     a_fluct = _per_extra_key(t1 - 1.0 / n2, n1)
     q_fluct = q - (1.0 - 1.0 / n1) / n2

@@ -69,7 +69,7 @@ def activation_forward(u: Point, name: str) -> tuple[Point, Blocks]:
     d = u.k.diag
     k, dk = gaussian.pair_expectations(name, d[:, None], d[None, :], u.k.a)
     mu = gaussian.mean(name, d)
-    mm = np.outer(mu, mu)
+    mm = mu[:, None] * mu[None, :]
     m = Blocks.of(mm + (k - mm) * (1.0 / u.width))
     return Point(Blocks.of(k), m, u.width), Blocks.of(dk)
 
@@ -82,7 +82,7 @@ def _norm_scale(x: Point, kind: str, eps: float) -> np.ndarray:
 
 def norm_forward(x: Point, kind: str, eps: float) -> Point:
     scale = _norm_scale(x, kind, eps)
-    inv = 1.0 / np.outer(scale, scale)
+    inv = 1.0 / (scale[:, None] * scale[None, :])
     if kind == "layernorm":
         k = Blocks.of((x.k.a + x.m.a * -1.0) * inv)
         return Point(k, Blocks.full(k.a.shape[1], 0.0, 0.0), x.width)
@@ -115,7 +115,7 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     r2 *= r2
     fac = (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
     fac[0].reshape(-1)[::fac.shape[-1] + 1] = (d - p) / d * k / (k - 2)  # the diagonal
-    return Blocks.of(g.a * fac * (1.0 / np.outer(scale, scale)))
+    return Blocks.of(g.a * fac * (1.0 / (scale[:, None] * scale[None, :])))
 
 
 def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
