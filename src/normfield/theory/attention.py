@@ -164,11 +164,15 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
 
 
 def prefix_spread(k: np.ndarray) -> np.ndarray:
-    """For every prefix length m = 1..n: ``tr K[:m,:m] - sum K[:m,:m] / m`` (index m-1)."""
+    """For every prefix length m = 1..n: ``tr K[:m,:m] - sum K[:m,:m] / m`` (index m-1).
+
+    Clamped at 0: the spread of a positive semi-definite kernel is >= 0, but for collapsed
+    tokens (deep Post-LN, K = c + eps E) rounding can leave it slightly negative, which would
+    make logit variances negative (NaN downstream)."""
     m = np.arange(1, k.shape[0] + 1)
     trace = np.cumsum(np.diag(k))
     total = np.cumsum(np.cumsum(k, axis=0), axis=1)[m - 1, m - 1]
-    return trace - total / m
+    return np.maximum(trace - total / m, 0.0)
 
 
 def independent_variance(k: np.ndarray) -> np.ndarray:
@@ -185,7 +189,8 @@ def _per_extra_key(x, m):
 
 def _whole_spread(k: np.ndarray) -> float:
     """``prefix_spread(k)[-1]`` (the whole sequence), summed in the same order."""
-    return np.cumsum(np.diag(k))[-1] - np.cumsum(np.add.reduce(k, axis=0))[-1] / k.shape[0]
+    spread = np.cumsum(np.diag(k))[-1] - np.cumsum(np.add.reduce(k, axis=0))[-1] / k.shape[0]
+    return max(spread, 0.0)
 
 
 def _spread_by_set(weights: np.ndarray, n1) -> np.ndarray:
