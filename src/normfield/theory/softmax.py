@@ -210,26 +210,36 @@ def _grid(nmax, v, h, tail):
     return np.arange(lo, hi + h, h)
 
 
-def _conditional(s, rhos, grid):
+def _conditional(s, rhos, grid, mirrored=()):
     """Conditional per-entry transforms of one row given the shared factor u, at each rho of
     `rhos`.
 
     The row's logit is ``s (sign(rho) sqrt|rho| u + sqrt(1-|rho|) w)``; returns
     ``F[m, k] = E_w[e^(m logit) exp(-e^x e^logit)]`` at rhos[k] for m = 0, 1, 2: an array
-    (3, len(rhos), X, U).
+    (3, len(rhos), X, U).  `mirrored`: pairs (k, j), j < k, with rhos[k] = 1 - rhos[j] >= 0 up
+    to rounding: node k's logit is node j's with u and w exchanged, so its exponentials are
+    node j's, transposed (it is evaluated at 1 - rhos[j]).
     """
     out = np.empty((len(rhos), _Z.size, grid.size, 3))
     scale = np.exp(grid)[:, None, None]
     shape = (_Z.size, _Z.size)
+    source = dict(mirrored)
+    kept = {}
     for k, rho in enumerate(rhos):
-        r = abs(rho)
-        sg = 1.0 if rho >= 0 else -1.0
-        cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
-        # e (U, W), kept in a broadcast shape (U, 1) or (1, W) when it depends on u or w only
-        # (r = 1 or 0: the other term is +-0, so the values are the same)
-        u_part, w_part = sg * cu * _Z[:, None], cw * _Z[None, :]
-        e = np.exp(s * (u_part if cw == 0.0 else w_part if cu == 0.0 else u_part + w_part))
-        K = np.broadcast_to(np.exp(-scale * e[None]), (grid.size,) + shape)   # (X, U, W)
+        if k in source:
+            K, e = kept.pop(source[k])
+            K, e = K.swapaxes(1, 2), e.T
+        else:
+            r = abs(rho)
+            sg = 1.0 if rho >= 0 else -1.0
+            cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
+            # e (U, W), kept in a broadcast shape (U, 1) or (1, W) when it depends on u or w
+            # only (r = 1 or 0: the other term is +-0, so the values are the same)
+            u_part, w_part = sg * cu * _Z[:, None], cw * _Z[None, :]
+            e = np.exp(s * (u_part if cw == 0.0 else w_part if cu == 0.0 else u_part + w_part))
+            K = np.broadcast_to(np.exp(-scale * e[None]), (grid.size,) + shape)  # (X, U, W)
+            if k in source.values():
+                kept[k] = K, e
         e = np.broadcast_to(e, shape)
         moments = np.stack((np.broadcast_to(_ZW, shape), e * _ZW, e * e * _ZW), axis=-1)
         np.matmul(K.transpose(1, 0, 2), moments, out=out[k])         # (U, X, 3)
@@ -345,7 +355,9 @@ def _side(v, nmax, rho_lo, signed):
     """
     grid = _grid(nmax, v, _QUAD_H, _QUAD_TAIL)
     nodes, _ = _rho_nodes(rho_lo)
-    F = _conditional(np.sqrt(v), nodes if signed else np.abs(nodes), grid)
+    # on [0, 1] the Chebyshev-Lobatto nodes are symmetric about 1/2
+    mirrored = [(_N_RHO - 1 - j, j) for j in range(_N_RHO // 2)] if rho_lo == 0.0 else ()
+    F = _conditional(np.sqrt(v), nodes if signed else np.abs(nodes), grid, mirrored)
     F.flags.writeable = False
     return grid, F
 
