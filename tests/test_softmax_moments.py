@@ -88,3 +88,26 @@ def test_mc_deterministic_and_exact_limits():
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pair_moments(**kwargs)
+
+
+def test_pair_moments_at_equals_pair_moments():
+    # several variances at shared sizes and rho, as attention's variance interpolation uses it:
+    # 0-d and array variances (several groups, a zero-variance entry), scalar and array sizes,
+    # exact limits (rho = 0, rho at a node, n1 = 1)
+    from normfield.theory.softmax import pair_moments_at
+
+    rng = np.random.default_rng(0)
+    rho = rng.uniform(0.0, 1.0, size=(6, 6))
+    rho[1, 1], rho[2, 2] = 0.0, 1.0
+    v = np.where(rng.random((6, 6)) < 0.5, 0.5, 0.8)
+    v[0, 0] = 0.0
+    rows = np.arange(1, 7)
+    for n1, n2 in ((5, 5), (1, 7), (np.minimum.outer(rows, rows), np.maximum.outer(rows, rows))):
+        variances = (v, np.array(1.3), 2.0 * v)
+        for (T, Q), var in zip(pair_moments_at(n1, n2, variances, rho), variances):
+            want_t, want_q = pair_moments(n1, n2, var, var, rho)
+            # equal up to rounding: the variances are interpolated by one matrix product
+            np.testing.assert_allclose(T, want_t, rtol=1e-14, atol=0)
+            np.testing.assert_allclose(Q, want_q, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="v="):
+        pair_moments_at(4, 4, (np.array([0.5, np.nan]),), 0.5)

@@ -105,3 +105,10 @@ def test_embedding_norm_makes_the_network_invariant_to_the_embedding_scale():
         np.testing.assert_allclose(three[name], one[name], rtol=1e-9, err_msg=name)
     plain = predict(base.replace(embed_norm=False, embed_scale=3.0))
     assert abs(plain["embed.tok"][0] / three["embed.tok"][0] - 1) > 0.1  # without it c matters
+
+
+def test_deep_causal_post_ln_stays_finite():
+    # collapsed tokens: the key/value spreads are ~1e-16 and must not turn into negative logit
+    # variances (this raised "invalid v1=nan" before they were clamped at 0)
+    prof = predict_grad_norms(200, "post", seq_len=16, mask="causal")
+    assert all(np.all(np.isfinite(v)) for v in prof.grads.values())

@@ -38,6 +38,8 @@ fluctuations, so their blocks keep only the mean-attention terms.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -46,12 +48,13 @@ import numpy as np
 from normfield.data import rope_angles
 from normfield.theory.kernels import Blocks, pair_sum
 from normfield.theory.maps import Point, norm_backward, norm_forward
-from normfield.theory.softmax import pair_moments
+from normfield.theory.softmax import pair_moments, pair_moments_at
 
 
 @dataclass(frozen=True)
 class Mask:
-    """Allowed keys of each query: the prefix 0..row_len[i]-1."""
+    """Allowed keys of each query: the prefix 0..row_len[i]-1; every row the whole sequence
+    (bidirectional) or rows of distinct lengths (causal: 1..n)."""
 
     row_len: np.ndarray  # (n,) ints
     mean: np.ndarray  # (n, n): Abar
@@ -72,37 +75,58 @@ class Mask:
 
     @staticmethod
     def _column_means(x: np.ndarray) -> np.ndarray:
-        """``x.mean(axis=0)`` (the same sum and division) broadcast to x's shape, without
+        """``x.mean(axis=-2)`` (the same sum and division) broadcast to x's shape, without
         np.mean's Python-level overhead."""
-        return np.broadcast_to(np.add.reduce(x, axis=0) / x.shape[0], x.shape)
+        return np.broadcast_to(np.add.reduce(x, axis=-2)[..., None, :] / x.shape[-2], x.shape)
 
     def left(self, x: np.ndarray) -> np.ndarray:
-        """``Abar @ x`` in O(n^2): row i is the mean of the first row_len[i] rows of x."""
+        """``Abar @ x`` in O(n^2): row i is the mean of the first row_len[i] rows of x (x an
+        (n, n) matrix or a stack of them, like every product below)."""
         if self.full:
             return self._column_means(x)
-        return np.cumsum(x, axis=0)[self.row_len - 1] / self.row_len[:, None]
+        return np.cumsum(x, axis=-2)[..., self.row_len - 1, :] / self.row_len[:, None]
 
     def left_t(self, x: np.ndarray) -> np.ndarray:
         """``Abar.T @ x`` in O(n^2): row j sums x_i / row_len[i] over the rows i that see key j."""
-        n = x.shape[0]
+        n = x.shape[-2]
         if self.full:
             return self._column_means(x)
-        by_len = np.zeros((n + 1,) + x.shape[1:])
-        np.add.at(by_len, self.row_len, x / self.row_len[:, None])
-        return np.cumsum(by_len[::-1], axis=0)[::-1][1:]
+        by_len = np.zeros(x.shape[:-2] + (n + 1, x.shape[-1]))
+        by_len[..., self.row_len, :] = x / self.row_len[:, None]  # the row lengths are distinct
+        return np.cumsum(by_len[..., ::-1, :], axis=-2)[..., ::-1, :][..., 1:, :]
 
     def sandwich(self, x: np.ndarray) -> np.ndarray:
-        """``Abar @ x @ Abar.T``."""
-        return self.left(self.left(x).T).T
+        """``Abar @ x @ Abar.T`` (a new array)."""
+        if self.full:
+            return self._full_sandwich(x)
+        return self.left(self.left(x).swapaxes(-1, -2)).swapaxes(-1, -2)
 
     def sandwich_t(self, x: np.ndarray) -> np.ndarray:
-        """``Abar.T @ x @ Abar``."""
-        return self.left_t(self.left_t(x).T).T
+        """``Abar.T @ x @ Abar`` (a new array)."""
+        if self.full:
+            return self._full_sandwich(x)
+        return self.left_t(self.left_t(x).swapaxes(-1, -2)).swapaxes(-1, -2)
+
+    @staticmethod
+    def _full_sandwich(x: np.ndarray) -> np.ndarray:
+        """Both products for Abar = 1 1^T / n: every entry is the mean of the column means,
+        summed in order (as the column-means of the broadcast column means sum)."""
+        n = x.shape[-1]
+        grand = np.cumsum(np.add.reduce(x, axis=-2) / n, axis=-1)[..., -1] / n
+        out = np.empty(x.shape)
+        out[...] = grand[..., None, None]
+        return out
+
+    @cached_property
+    def _pair_sets(self):
+        a, b = self.row_len[:, None], self.row_len[None, :]
+        n1, n2 = np.minimum(a, b), np.maximum(a, b)
+        n1.flags.writeable = n2.flags.writeable = False
+        return n1, n2
 
     def pair_sets(self):
-        """(n1, n2) for every pair of rows: shared and larger prefix lengths."""
-        a, b = self.row_len[:, None], self.row_len[None, :]
-        return np.minimum(a, b), np.maximum(a, b)
+        """(n1, n2) for every pair of rows: shared and larger prefix lengths (read-only)."""
+        return self._pair_sets
 
 
 LOG_STEP = 0.05
@@ -119,34 +143,68 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
     if method == "mc":
         return pair_moments(n1, n2, v, v, rho, method=method)
     small = v < V_FLOOR
-    log_v = np.log(np.maximum(v, V_FLOOR))
-    k = np.floor(log_v / LOG_STEP)
-    w = np.where(small, v / V_FLOOR, log_v / LOG_STEP - k)
-    v_lo = np.where(small, 0.0, np.exp(k * LOG_STEP))
-    v_hi = np.where(small, V_FLOOR, np.exp((k + 1) * LOG_STEP))
-    t_lo, q_lo = pair_moments(n1, n2, v_lo, v_lo, rho, method=method)
-    t_hi, q_hi = pair_moments(n1, n2, v_hi, v_hi, rho, method=method)
+    scaled = np.log(np.maximum(v, V_FLOOR)) / LOG_STEP
+    k = np.floor(scaled)
+    w = scaled - k
+    k0, k1 = k.min(), k.max()
+    if np.isfinite(k0) and np.isfinite(k1):
+        # exp(k * LOG_STEP) for the few distinct grid indices k, looked up (the same values);
+        # a single grid cell gives 0-d variances
+        grid = np.exp(np.arange(int(k0), int(k1) + 2) * LOG_STEP)
+        if k0 == k1:
+            v_lo, v_hi = grid[0, None].reshape(()), grid[1, None].reshape(())
+        else:
+            at = (k - k0).astype(np.intp)
+            v_lo, v_hi = grid[at], grid[at + 1]
+    else:  # NaN variances: left to pair_moments_at to report
+        v_lo, v_hi = np.exp(k * LOG_STEP), np.exp((k + 1) * LOG_STEP)
+    if small.any():
+        w = np.where(small, v / V_FLOOR, w)
+        v_lo = np.where(small, 0.0, v_lo)
+        v_hi = np.where(small, V_FLOOR, v_hi)
+    (t_lo, q_lo), (t_hi, q_hi) = pair_moments_at(n1, n2, (v_lo, v_hi), rho)
     return (1 - w) * t_lo + w * t_hi, (1 - w) * q_lo + w * q_hi
 
 
 def prefix_spread(k: np.ndarray) -> np.ndarray:
-    """For every prefix length m = 1..n: ``tr K[:m,:m] - sum K[:m,:m] / m`` (index m-1)."""
+    """For every prefix length m = 1..n: ``tr K[:m,:m] - sum K[:m,:m] / m`` (index m-1).
+
+    Clamped at 0: the spread of a positive semi-definite kernel is >= 0, but for collapsed
+    tokens (deep Post-LN, K = c + eps E) rounding can leave it slightly negative, which would
+    make logit variances negative (NaN downstream)."""
     m = np.arange(1, k.shape[0] + 1)
     trace = np.cumsum(np.diag(k))
     total = np.cumsum(np.cumsum(k, axis=0), axis=1)[m - 1, m - 1]
-    return trace - total / m
+    return np.maximum(trace - total / m, 0.0)
 
 
 def independent_variance(k: np.ndarray) -> np.ndarray:
     """r(S) = n/(n-1) (mean diag - mean) over each prefix S (0 for a single key)."""
-    m = np.arange(1, k.shape[0] + 1)
-    spread = prefix_spread(k)
-    return np.where(m > 1, spread / np.maximum(m - 1, 1), 0.0)
+    return _per_extra_key(prefix_spread(k), np.arange(1, k.shape[0] + 1))
 
 
-def _spread_by_set(weights: np.ndarray, n1: np.ndarray) -> np.ndarray:
-    """``sum_{ii'} weights(i, i') (delta_jj' - 1/n1) 1[j, j' < n1(i, i')]`` as an (n, n) matrix."""
+def _per_extra_key(x, m):
+    """``x / (m - 1)`` where m > 1, else 0, for set sizes m (an array, or an integer)."""
+    if isinstance(m, int):
+        return x / (m - 1) if m > 1 else np.zeros_like(x)
+    return np.where(m > 1, x / np.maximum(m - 1, 1), 0.0)
+
+
+def _whole_spread(k: np.ndarray) -> float:
+    """``prefix_spread(k)[-1]`` (the whole sequence), summed in the same order."""
+    spread = np.cumsum(np.diag(k))[-1] - np.cumsum(np.add.reduce(k, axis=0))[-1] / k.shape[0]
+    return max(spread, 0.0)
+
+
+def _spread_by_set(weights: np.ndarray, n1) -> np.ndarray:
+    """``sum_{ii'} weights(i, i') (delta_jj' - 1/n1) 1[j, j' < n1(i, i')]`` as an (n, n) matrix;
+    n1 an (n, n) array, or the integer n when every pair shares the whole sequence."""
     n = weights.shape[0]
+    if isinstance(n1, int):  # the same values as below: only set size n has weight
+        total = np.cumsum(weights.ravel())[-1]
+        out = np.full((n, n), 0.0 - total / n)
+        out.reshape(-1)[::n + 1] = total - total / n
+        return out
     w_m = np.bincount((n1 - 1).ravel(), weights=weights.ravel(), minlength=n)  # by set size m+1
     suffix = np.cumsum(w_m[::-1])[::-1]  # sum over sets containing index j: m >= j
     u = np.cumsum((w_m / np.arange(1, n + 1))[::-1])[::-1]
@@ -155,33 +213,53 @@ def _spread_by_set(weights: np.ndarray, n1: np.ndarray) -> np.ndarray:
 
 
 def _double_centred(k: np.ndarray) -> np.ndarray:
-    """``k`` minus its row means and column means plus its grand mean."""
-    return k - k.mean(axis=1, keepdims=True) - k.mean(axis=0, keepdims=True) + k.mean()
+    """``k`` minus its row means and column means plus its grand mean (over the last two axes:
+    k may be a stack of matrices)."""
+    return k - _mean(k, -1) - _mean(k, -2) + _mean(k, (-2, -1))
+
+
+def _mean(x: np.ndarray, axis) -> np.ndarray:
+    """``x.mean(axis, keepdims=True)`` (the same sum and division) without np.mean's
+    Python-level overhead."""
+    count = math.prod(x.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
+    return np.add.reduce(x, axis=axis, keepdims=True) / count
+
+
+def _clip_unit(x: np.ndarray) -> np.ndarray:
+    """``np.clip(x, -1, 1)`` (the same values, NaN kept) without its Python-level overhead."""
+    return np.minimum(np.maximum(x, -1.0), 1.0)
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    """Transpose of a matrix or of every matrix in a stack."""
+    return x.swapaxes(-1, -2)
 
 
 def _mean_query_term(mask: Mask, kk, kv):
     """sum_jj' Abar_ij Abar_i'j' K_k(j,j') Cov_v(ij, i'j') with
-    Cov_v = K_v(j,j') - (K_v Abar^T)(j,i') - (Abar K_v)(i,j') + (Abar K_v Abar^T)(i,i').
+    Cov_v = K_v(j,j') - (K_v Abar^T)(j,i') - (Abar K_v)(i,j') + (Abar K_v Abar^T)(i,i')
+    (kk, kv: matrices or stacks of them).
     Bidirectional (Abar = 1 1^T / n): ``mean(K_k * D(K_v)) = mean(D(K_k) * D(K_v))`` for every
     (i, i'), D the double centring (D(K_v) has zero row and column sums); centring both first
     keeps near-collapsed kernels (K = c + eps E) free of cancellation: the term is O(eps^2)."""
     if mask.full:
-        return np.full(kk.shape, np.mean(_double_centred(kk) * _double_centred(kv)))
-    x, y = mask.left(kv.T).T, mask.left(kv)  # K_v Abar^T, Abar K_v
-    kk_r, kk_l = mask.left(kk.T).T, mask.left(kk)  # K_k Abar^T, Abar K_k
-    return (mask.sandwich(kk * kv) - mask.left(x * kk_r) - mask.left((y * kk_l).T).T
+        term = _mean(_double_centred(kk) * _double_centred(kv), (-2, -1))
+        return np.broadcast_to(term, kk.shape).copy()
+    x, y = _t(mask.left(_t(kv))), mask.left(kv)  # K_v Abar^T, Abar K_v
+    kk_r, kk_l = _t(mask.left(_t(kk))), mask.left(kk)  # K_k Abar^T, Abar K_k
+    return (mask.sandwich(kk * kv) - mask.left(x * kk_r) - _t(mask.left(_t(y * kk_l)))
             + mask.sandwich(kv) * mask.sandwich(kk))
 
 
 def _mean_key_term(mask: Mask, w, kv):
-    """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j').
-    Bidirectional: ``mean(W) D(K_v)`` (see `_mean_query_term`)."""
+    """sum_ii' W(i,i') Abar_ij Abar_i'j' Cov_v(ij, i'j') as an (n, n) matrix over (j, j') (or a
+    stack of them).  Bidirectional: ``mean(W) D(K_v)`` (see `_mean_query_term`)."""
     if mask.full:
-        return np.mean(w) * _double_centred(kv)
-    x, y = mask.left(kv.T).T, mask.left(kv)
-    wa = mask.left_t(w.T).T  # W Abar
+        return _mean(w, (-2, -1)) * _double_centred(kv)
+    x, y = _t(mask.left(_t(kv))), mask.left(kv)
+    wa = _t(mask.left_t(_t(w)))  # W Abar
     atw = mask.left_t(w)  # Abar^T W
-    return (mask.sandwich_t(w) * kv - mask.left_t((atw * x).T).T - mask.left_t(wa * y)
+    return (mask.sandwich_t(w) * kv - _t(mask.left_t(_t(atw * x))) - mask.left_t(wa * y)
             + mask.sandwich_t(w * mask.sandwich(kv)))
 
 
@@ -190,7 +268,8 @@ class Rotary:
     """RoPE (Su et al. 2021) as seen by the logit field: with R(D) = (2/d_head) sum_f
     cos(theta_f D), ``Cov(s_ij, s_i'j') = K_q(i,i') K_k(j,j') R((j - j') - (i - i'))``, written
     as ``sum_f w [cos_f(j-j') cos_f(i-i') + sin_f(j-j') sin_f(i-i')]`` so that every mean term
-    stays a sum of products of n x n matrices.  Without RoPE: one term, cos = 1, sin = 0."""
+    stays a sum of products of n x n matrices.  Without RoPE: one term, cos = 1, sin = 0
+    (`identity`)."""
 
     cos: np.ndarray  # (F, n, n): cos(theta_f (a - b))
     sin: np.ndarray
@@ -198,30 +277,49 @@ class Rotary:
     phase: np.ndarray  # (F, n): theta_f a, so that cos_f(a - b) = cos(phase_a - phase_b)
 
     @staticmethod
+    @functools.lru_cache(maxsize=16)
     def build(n: int, d_head: int | None) -> "Rotary":
+        """The rotation for n positions (cached; its arrays are read-only)."""
         if d_head is None:
-            return Rotary(np.ones((1, n, n)), np.zeros((1, n, n)), 1.0, np.zeros((1, n)))
-        theta = rope_angles(2, d_head)[1]  # theta_f (the angles of position 1)
-        delta = np.arange(n)[:, None] - np.arange(n)[None, :]
-        angles = theta[:, None, None] * delta[None]
-        return Rotary(np.cos(angles), np.sin(angles), 2.0 / d_head,
-                      theta[:, None] * np.arange(n)[None, :])
+            rot = Rotary(np.ones((1, n, n)), np.zeros((1, n, n)), 1.0, np.zeros((1, n)))
+        else:
+            theta = rope_angles(2, d_head)[1]  # theta_f (the angles of position 1)
+            delta = np.arange(n)[:, None] - np.arange(n)[None, :]
+            angles = theta[:, None, None] * delta[None]
+            rot = Rotary(np.cos(angles), np.sin(angles), 2.0 / d_head,
+                         theta[:, None] * np.arange(n)[None, :])
+        rot.cos.flags.writeable = rot.sin.flags.writeable = rot.phase.flags.writeable = False
+        return rot
 
-    @property
+    @cached_property
+    def identity(self) -> bool:
+        """No rotation: `toeplitz` is all ones and `modulated` is the term itself."""
+        return self.weight == 1.0 and self.cos.shape[0] == 1 and not self.sin.any() \
+            and bool(np.all(self.cos == 1.0))
+
+    @cached_property
     def toeplitz(self) -> np.ndarray:
-        """R(a - b) as an (n, n) matrix."""
-        return self.weight * self.cos.sum(axis=0)
+        """R(a - b) as an (n, n) matrix (read-only)."""
+        out = self.weight * self.cos.sum(axis=0)
+        out.flags.writeable = False
+        return out
 
     def modulated(self, term, kernel: np.ndarray) -> np.ndarray:
         """``sum_f w [cos_f * term(kernel * cos_f) + sin_f * term(kernel * sin_f)]``: the
         rotation modulates the kernel inside a linear `term` and the term's result; with no
         rotation this is ``term(kernel)``."""
+        if self.identity:
+            return term(kernel)
         out = 0.0
         for c, s in zip(self.cos, self.sin):
             out = out + c * term(kernel * c)
             if s.any():
                 out = out + s * term(kernel * s)
         return self.weight * out
+
+    def apply(self, kernel: np.ndarray) -> np.ndarray:
+        """``kernel * toeplitz`` (the kernel itself without rotation)."""
+        return kernel if self.identity else kernel * self.toeplitz
 
 
 @dataclass
@@ -367,32 +465,52 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     spec = spec or HeadSpec(d_head=width)
     n = kx.w.shape[0]
     kx_kv = kx if kx_memory is None else kx_memory
-    kq = kx * (var_q * width) + float(bias_var[0])
-    kk = kx_kv * (var_k * width) + float(bias_var[1])
-    kv = kx_kv * (var_v * width) + float(bias_var[2])
+    done = {}
+
+    def project(src, var, bias):  # the kernel of src @ W + b (one per distinct projection)
+        key = (id(src), var, float(bias))
+        if key not in done:
+            done[key] = src * (var * width) + float(bias) if bias else src * (var * width)
+        return done[key]
+
+    kq = project(kx, var_q, bias_var[0])
+    kk = project(kx_kv, var_k, bias_var[1])
+    kv = project(kx_kv, var_v, bias_var[2])
     raw_q = raw_k = None
     if spec.qk_norm:
         raw_q, raw_k = kq, kk
         kq, kk = _qk_normalize(kq, spec) * spec.query_scale_sq, _qk_normalize(kk, spec)
-    rot = Rotary.build(n, spec.d_head if spec.rope else None).toeplitz
-    n1, n2 = mask.pair_sets()
-    rk_set, rv_set = independent_variance(kk.w * rot), independent_variance(kv.w)
-    row_var = np.diag(kq.w) * rk_set[mask.row_len - 1]
-    qd = np.sqrt(np.diag(kq.w))
-    rho = np.clip(kq.w * rot / np.maximum(qd[:, None] * qd[None, :], 1e-300), -1.0, 1.0)
+    rot = Rotary.build(n, spec.d_head if spec.rope else None)
+    if mask.full:  # every pair of rows shares the whole sequence: per-set values are scalars
+        n1 = n2 = n
+        spread_v = _whole_spread(kv.w)
+        shared = kk is kv and rot.identity
+        rk = rk_rows = _per_extra_key(spread_v if shared else _whole_spread(rot.apply(kk.w)), n)
+        rv = _per_extra_key(spread_v, n)
+    else:
+        n1, n2 = mask.pair_sets()
+        m = np.arange(1, n + 1)
+        spread_v_set = prefix_spread(kv.w)
+        rk_set = _per_extra_key(prefix_spread(rot.apply(kk.w)), m)
+        rv_set = _per_extra_key(spread_v_set, m)
+        rk_rows, rk, rv, spread_v = (rk_set[mask.row_len - 1], rk_set[n1 - 1], rv_set[n1 - 1],
+                                     spread_v_set[n1 - 1])
+    row_var = kq.diag * rk_rows
+    qd = np.sqrt(kq.diag)
+    rho = _clip_unit(rot.apply(kq.w) / np.maximum(qd[:, None] * qd[None, :], 1e-300))
     t1, q = softmax_moments(n1, n2, np.sqrt(row_var[:, None] * row_var[None, :]), rho, method)
-    a_fluct = np.where(n1 > 1, (t1 - 1.0 / n2) / np.maximum(n1 - 1, 1), 0.0)
+    a_fluct = _per_extra_key(t1 - 1.0 / n2, n1)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
-    spread_v = prefix_spread(kv.w)[n1 - 1]
-    gram, gram_k = gram_fluctuation(mask, kx_kv, width,
-                                    Rotary.build(n, spec.d_head) if spec.rope else None)
+    gram, gram_k = gram_fluctuation(mask, kx_kv, width, None if rot.identity else rot)
     s_k, s_v = var_k * width, var_v * width
     if spec.qk_norm:
         s_k *= np.mean(kk.diag) / np.mean(raw_k.diag)
-    ko = Blocks(mask.sandwich(kv.w) + a_fluct * spread_v, mask.sandwich(kv.c)) + kq * gram * (s_k * s_v)
-    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv_set[n1 - 1], rk_set[n1 - 1], n1,
-                           raw_q, raw_k, gram, gram_k, s_k, s_v)
-    return ko, state
+    ko = mask.sandwich(kv.a)
+    ko[0] += a_fluct * spread_v
+    ko += kq.a * gram.a * (s_k * s_v)
+    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv, rk, n1, raw_q, raw_k, gram, gram_k,
+                           s_k, s_v)
+    return Blocks.of(ko), state
 
 
 def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None = None):
@@ -401,21 +519,22 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     cross-attention G_k and G_v live on the memory tokens)."""
     spec = spec or HeadSpec(d_head=go.w.shape[0])
     rot = Rotary.build(go.w.shape[0], spec.d_head if spec.rope else None)
-    gv = Blocks(mask.sandwich_t(go.w) + _spread_by_set(st.a_fluct * go.w, st.n1),
-                mask.sandwich_t(go.c))
-
-    def query_term(kk, kv):
-        return rot.modulated(lambda k: _mean_query_term(mask, k, kv), kk)
-
-    def key_term(w, kv):
-        return rot.modulated(lambda ww: _mean_key_term(mask, ww, kv), w)
-
-    gq = Blocks(go.w * (query_term(st.kk.w, st.kv.w) + st.rv * st.rk * st.q_fluct),
-                go.c * query_term(st.kk.c, st.kv.c)) + go * st.gram * (st.s_k * st.s_v)
+    gv = mask.sandwich_t(go.a)
+    gv[0] += _spread_by_set(st.a_fluct * go.w, st.n1)
     wk = go * st.kq
-    k_fluct = np.where(st.n1 > 1, st.q_fluct / np.maximum(st.n1 - 1, 1), 0.0) * st.rv
-    gk = Blocks(key_term(wk.w, st.kv.w) + _spread_by_set(wk.w * k_fluct, st.n1),
-                key_term(wk.c, st.kv.c))
+    if mask.full and rot.identity:  # the bidirectional mean terms, each kernel centred once
+        dv = _double_centred(st.kv.a)
+        gq = np.empty(dv.shape)
+        gq[...] = _mean((dv if st.kk is st.kv else _double_centred(st.kk.a)) * dv, (-2, -1))
+        gk = _mean(wk.a, (-2, -1)) * dv
+    else:
+        gq = rot.modulated(lambda k: _mean_query_term(mask, k, st.kv.a), st.kk.a)
+        gk = rot.modulated(lambda w: _mean_key_term(mask, w, st.kv.a), wk.a)
+    gq[0] += st.rv * st.rk * st.q_fluct
+    gq += st.gram.a * (st.s_k * st.s_v)
+    gq *= go.a
+    gk[0] += _spread_by_set(wk.w * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
+    gq, gk, gv = Blocks.of(gq), Blocks.of(gk), Blocks.of(gv)
     if spec.qk_norm:
         c2 = spec.query_scale_sq
         gq = _qk_norm_backward(st.raw_q, st.kq * (1.0 / c2), gq * c2, spec)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normfield.theory import gaussian
-from normfield.theory.kernels import Blocks, cosine, pair_sum
+from normfield.theory.kernels import Blocks, block_sums, cosine, pair_sum
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ class Point:
 
 
 def linear_forward(x: Point, var_w: float, var_b: float, fan_out: int) -> Point:
-    k = x.k * (var_w * x.width) + float(var_b)
+    k = x.k * (var_w * x.width)
+    if var_b:
+        k = k + float(var_b)
     return Point(k, k * (1.0 / fan_out), fan_out)
 
 
@@ -60,34 +62,34 @@ def linear_grad_sq(x: Point, g: Blocks, fan_out: int, batch_size: int) -> float:
 
 
 def bias_grad_sq(g: Blocks, fan_out: int, batch_size: int) -> float:
-    ones = Blocks.full(g.w.shape[0], 1.0, 1.0)
-    return fan_out * pair_sum(ones, g, batch_size)
+    b = batch_size
+    w, c = block_sums(g.a)  # pair_sum with a kernel of ones
+    return fan_out * float(b * w + b * (b - 1) * c)
 
 
 def activation_forward(u: Point, name: str) -> tuple[Point, Blocks]:
     """Returns the output point and E[phi'(u_i) phi'(u_j)] (the backward factor)."""
     d = u.k.diag
-    (kw, dkw), (kc, dkc) = (gaussian.pair_expectations(name, d[:, None], d[None, :], blk)
-                            for blk in (u.k.w, u.k.c))
+    k, dk = gaussian.pair_expectations(name, d[:, None], d[None, :], u.k.a)
     mu = gaussian.mean(name, d)
-    mm = np.outer(mu, mu)
-    inv = 1.0 / u.width
-    m = Blocks(mm + (kw - mm) * inv, mm + (kc - mm) * inv)
-    return Point(Blocks(kw, kc), m, u.width), Blocks(dkw, dkc)
+    mm = mu[:, None] * mu[None, :]
+    m = Blocks.of(mm + (k - mm) * (1.0 / u.width))
+    return Point(Blocks.of(k), m, u.width), Blocks.of(dk)
 
 
-def _norm_stats(x: Point, kind: str, eps: float):
-    c = x.k + x.m * -1.0 if kind == "layernorm" else x.k
-    scale = np.sqrt(c.diag + eps)
-    inv = 1.0 / np.outer(scale, scale)
-    return c, inv
+def _norm_scale(x: Point, kind: str, eps: float) -> np.ndarray:
+    """Per-token scale s_i = sqrt(C(i, i) + eps) (C = K - M for LayerNorm, K for RMSNorm)."""
+    d = x.k.diag + x.m.diag * -1.0 if kind == "layernorm" else x.k.diag
+    return np.sqrt(d + eps)
 
 
 def norm_forward(x: Point, kind: str, eps: float) -> Point:
-    c, inv = _norm_stats(x, kind, eps)
-    k = c * Blocks(inv, inv)
-    m = Blocks.full(k.w.shape[0], 0.0, 0.0) if kind == "layernorm" else x.m * Blocks(inv, inv)
-    return Point(k, m, x.width)
+    scale = _norm_scale(x, kind, eps)
+    inv = 1.0 / (scale[:, None] * scale[None, :])
+    if kind == "layernorm":
+        k = Blocks.of((x.k.a + x.m.a * -1.0) * inv)
+        return Point(k, Blocks.full(k.a.shape[1], 0.0, 0.0), x.width)
+    return Point(Blocks.of(x.k.a * inv), Blocks.of(x.m.a * inv), x.width)
 
 
 def _scale_dof(x: Point, kind: str) -> tuple[int, np.ndarray]:
@@ -97,7 +99,7 @@ def _scale_dof(x: Point, kind: str) -> tuple[int, np.ndarray]:
     d = x.width
     if kind == "layernorm":
         return 2, np.full(x.k.w.shape[0], d - 1.0)
-    m2 = np.diag(x.m.w)
+    m2 = x.m.diag
     c = np.maximum(x.k.diag - m2, 1e-300)
     return 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
 
@@ -113,20 +115,20 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     / sqrt(C(i,i) C(j,j))`` off it.  This Jensen factor and the projection's ``tr(P_i P_j)/d``
     nearly cancel on the diagonal; keeping only one of them biases every norm's backward map by
     O(1/d), which compounds over depth in Post-LN."""
-    _, inv = _norm_stats(x, kind, eps)
+    scale = _norm_scale(x, kind, eps)
     d = x.width
-    p, k = _scale_dof(x, kind)
-    rho = cosine(y.k)
-    ki, kj = k[:, None], k[None, :]
+    if kind == "layernorm":  # k = d - 1 for every token: scalar factors
+        p, k = 2, d - 1.0
+        ki = kj = k
+    else:
+        p, k = _scale_dof(x, kind)
+        ki, kj = k[:, None], k[None, :]
     base, root = 1.0 + 0.75 / ki + 0.75 / kj, np.sqrt(ki * kj)
-
-    def factor(r):
-        r2 = r * r
-        return (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
-
-    fac = Blocks(factor(rho.w), factor(rho.c))
-    np.fill_diagonal(fac.w, (d - p) / d * k / (k - 2))
-    return g * fac * Blocks(inv, inv)
+    r2 = cosine(y.k).a
+    r2 *= r2
+    fac = (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
+    fac[0].reshape(-1)[::fac.shape[-1] + 1] = (d - p) / d * k / (k - 2)  # the diagonal
+    return Blocks.of(g.a * fac * (1.0 / (scale[:, None] * scale[None, :])))
 
 
 def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
@@ -154,9 +156,8 @@ def norm_cross_forward(x: Point, cross_k: Blocks, cross_m: Blocks, kind: str,
     kernel map works to leading order, because the cross-kernel's diagonal enters the scale
     of the next norm, whose backward map multiplies every gradient below it: an O(1/d) error
     there compounds over depth like the ones `norm_backward` keeps."""
-    c, inv = _norm_stats(x, kind, eps)
     _, k = _scale_dof(x, kind)
-    f = ((1.0 - 0.25 / k) * np.sqrt(np.diag(inv)))[:, None]
+    f = ((1.0 - 0.25 / k) / _norm_scale(x, kind, eps))[:, None]
     if kind == "layernorm":
         return (cross_k + cross_m * -1.0) * f, Blocks.full(len(k), 0.0, 0.0)
     return cross_k * f, cross_m * f
@@ -170,6 +171,5 @@ def norm_cross_backward(x: Point, kind: str, eps: float) -> np.ndarray:
     ``f_i = (d - p)/d E[1/s_i]`` with ``E[1/s_i] = (1 + 3/(4 k_i)) / sqrt(C(i,i) + eps)`` --
     the per-token factors of `norm_backward` (projection trace and Jensen factor) for one
     token instead of a pair."""
-    _, inv = _norm_stats(x, kind, eps)
     p, k = _scale_dof(x, kind)
-    return (x.width - p) / x.width * (1.0 + 0.75 / k) * np.sqrt(np.diag(inv))
+    return (x.width - p) / x.width * (1.0 + 0.75 / k) / _norm_scale(x, kind, eps)

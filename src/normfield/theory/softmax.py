@@ -43,12 +43,14 @@ interpolated in ``rho`` (barycentric; the moments are analytic in rho).
 Exact limits (``v1 = v2 = 0``, ``rho = 0`` for T1, ``n1 = 1`` for Q) are
 returned exactly.
 
-Memoization (exact: the same inputs give bit-identical outputs): each row's
-conditional transforms per ``(v, size bucket, rho range)`` (`_side`; the two
-rows share one when v1 = v2), the combined transforms per ``(v1, v2, size
-buckets, rho range)`` (`_Quadrature`), and in it the sums over s per n1 and
-the node moments per set of (n1, n2) pairs; the rho interpolation weights of
-the last two rho arrays (`_barycentric`).
+Memoization (exact: the same inputs give bit-identical outputs, whatever was
+computed before): each row's conditional transforms per ``(v, size bucket, rho
+range)`` (`_side`; the two rows share one when v1 = v2), the combined transforms
+per ``(v1, v2, size buckets, rho range)`` (`_Quadrature`, with its sums over s
+per n1; ``G00^(n1-1)`` is a fixed product of squarings), and the node moments
+per quadrature and set of (n1, n2) pairs (`_node_moments`, up to 256 MiB), so
+that a repeated prediction needs no quadrature.  Several variances at the same
+n1, n2 and rho (`pair_moments_at`) share one set of rho interpolation weights.
 
 Accuracy (against the same quadrature at step 0.5 / 18 e-folds, and MC):
 fluctuation parts ``T1 - 1/n2`` and ``Q - (1/n2)(1 - 1/n1)`` within 1e-4
@@ -57,20 +59,22 @@ relative for n1 in {4..256}, n2/n1 in {1, 2, 4}, v in [0.1, 3], rho in
 ``rho = 0`` vocabulary-size rows, where the Q fluctuation is ~1e-5 of Q and
 the absolute error is < 3e-6 |Q|.
 
-Cost: dominated by unique (n1, n2, v1, v2) values: ~1.5-3 ms for 16,384
-tuples sharing one (v1, v2) and one (n1, n2) pair once the transforms are
-cached (one core; ~20 ms more per new (v1, v2)); ~0.5-1 s for thousands of
-distinct (n1, n2) pairs at new variances.
+Cost (one core): ~2-4 ms for 16,384 tuples sharing one (v1, v2) and one
+(n1, n2) pair once their node moments are cached (the rho interpolation);
+~35 ms more per new (v1, v2), mostly the 13 x 35 x 35 x ~60 exponentials of
+each row's conditional transforms; ~0.1 s for the 8,256 distinct (n1, n2)
+pairs of a causal 128-token sequence at a new variance, ~5 ms once cached.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
 import numpy as np
 
-__all__ = ["pair_moments"]
+__all__ = ["pair_moments", "pair_moments_at"]
 
 _METHODS = ("analytic", "mc")
 
@@ -86,6 +90,9 @@ _FMAX = np.finfo(np.float64).max
 
 def _within(x, lo, hi, whole=False):
     """Whether every entry of x lies in [lo, hi] (NaN does not) and, if `whole`, is an integer."""
+    if x.ndim == 0:
+        value = float(x)
+        return lo <= value <= hi and (not whole or value == round(value))
     if x.size == 0:
         return True
     if not (x.min() >= lo and x.max() <= hi):
@@ -93,17 +100,17 @@ def _within(x, lo, hi, whole=False):
     return not whole or bool(np.all(x == np.round(x)))
 
 
-def _validate(n1, n2, v1, v2, rho, method):
-    """The arguments as float64 arrays broadcast to one shape; ValueError naming the first
-    invalid value.  Valid input costs a few reductions: the offending entry is only located
-    once a check has failed (integer-typed sizes need no integrality check)."""
+def _validate(n1, n2, variances, rho, method):
+    """The arguments as float64 arrays (not broadcast: n1, n2, the variance arrays, rho) and
+    their broadcast shape; ValueError naming the first invalid value.  `variances` is a
+    sequence of (name, value) pairs.  Valid input costs a few reductions: the offending entry
+    is only located once a check has failed (integer-typed sizes need no integrality check)."""
     if method not in _METHODS:
         raise ValueError(f"invalid method={method!r}: expected one of {_METHODS}")
     n1 = np.asarray(n1)
     n2 = np.asarray(n2)
-    whole1, whole2 = (not np.issubdtype(n.dtype, np.integer) for n in (n1, n2))
-    v1 = np.asarray(v1, dtype=np.float64)
-    v2 = np.asarray(v2, dtype=np.float64)
+    whole1, whole2 = (n.dtype.kind not in "iu" for n in (n1, n2))
+    vs = [np.asarray(v, dtype=np.float64) for _, v in variances]
     rho = np.asarray(rho, dtype=np.float64)
     n1f = n1.astype(np.float64)
     n2f = n2.astype(np.float64)
@@ -111,14 +118,14 @@ def _validate(n1, n2, v1, v2, rho, method):
         bad = ~np.isfinite(n1f) | (n1f < 1) | (n1f != np.round(n1f))
         raise ValueError(
             f"invalid n1={n1f[bad].ravel()[0]:g}: expected an integer n1 >= 1")
-    n1b, n2b = np.broadcast_arrays(n1f, n2f)
+    n1b, n2b = (n1f, n2f) if n1f.ndim == n2f.ndim == 0 else np.broadcast_arrays(n1f, n2f)
     if not (_within(n2f, 1.0, _FMAX, whole2) and np.all(n2b >= n1b)):
         bad = ~np.isfinite(n2b) | (n2b != np.round(n2b)) | (n2b < n1b)
         i = np.flatnonzero(bad.ravel())[0]
         raise ValueError(
             f"invalid n2={n2b.ravel()[i]:g}: expected an integer n2 >= n1 "
             f"(n1={n1b.ravel()[i]:g})")
-    for name, v in (("v1", v1), ("v2", v2)):
+    for (name, _), v in zip(variances, vs):
         if not _within(v, 0.0, _FMAX):
             bad = ~np.isfinite(v) | (v < 0)
             raise ValueError(
@@ -127,7 +134,14 @@ def _validate(n1, n2, v1, v2, rho, method):
         bad = ~np.isfinite(rho) | (rho < -1) | (rho > 1)
         raise ValueError(
             f"invalid rho={rho[bad].ravel()[0]:g}: expected -1 <= rho <= 1")
-    return np.broadcast_arrays(n1f, n2f, v1, v2, rho)
+    shapes = [x.shape for x in (n1b, *vs) if x.ndim]
+    shape = np.broadcast_shapes(rho.shape, *shapes) if shapes else rho.shape
+    return n1f, n2f, vs, rho, shape
+
+
+def _flat(x, shape):
+    """x broadcast to `shape`, as a flat array."""
+    return (x if x.shape == shape else np.broadcast_to(x, shape)).ravel()
 
 
 # ---------------------------------------------------------------------------
@@ -196,18 +210,40 @@ def _grid(nmax, v, h, tail):
     return np.arange(lo, hi + h, h)
 
 
-def _conditional(s, rho, grid):
-    """Conditional per-entry transforms of one row given the shared factor u.
+def _conditional(s, rhos, grid, mirrored=()):
+    """Conditional per-entry transforms of one row given the shared factor u, at each rho of
+    `rhos`.
 
     The row's logit is ``s (sign(rho) sqrt|rho| u + sqrt(1-|rho|) w)``; returns
-    ``F_m(x, u) = E_w[e^(m logit) exp(-e^x e^logit)]`` for m = 0, 1, 2, each (X, U).
+    ``F[m, k] = E_w[e^(m logit) exp(-e^x e^logit)]`` at rhos[k] for m = 0, 1, 2: an array
+    (3, len(rhos), X, U).  `mirrored`: pairs (k, j), j < k, with rhos[k] = 1 - rhos[j] >= 0 up
+    to rounding: node k's logit is node j's with u and w exchanged, so its exponentials are
+    node j's, transposed (it is evaluated at 1 - rhos[j]).
     """
-    r = abs(rho)
-    sg = 1.0 if rho >= 0 else -1.0
-    cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
-    e = np.exp(s * (sg * cu * _Z[:, None] + cw * _Z[None, :]))   # (U, W)
-    K = np.exp(-np.exp(grid)[:, None, None] * e[None])          # (X, U, W)
-    return K @ _ZW, (K * e) @ _ZW, (K * (e * e)) @ _ZW
+    out = np.empty((len(rhos), _Z.size, grid.size, 3))
+    scale = np.exp(grid)[:, None, None]
+    shape = (_Z.size, _Z.size)
+    source = dict(mirrored)
+    kept = {}
+    for k, rho in enumerate(rhos):
+        if k in source:
+            K, e = kept.pop(source[k])
+            K, e = K.swapaxes(1, 2), e.T
+        else:
+            r = abs(rho)
+            sg = 1.0 if rho >= 0 else -1.0
+            cu, cw = np.sqrt(r), np.sqrt(1.0 - r)
+            # e (U, W), kept in a broadcast shape (U, 1) or (1, W) when it depends on u or w
+            # only (r = 1 or 0: the other term is +-0, so the values are the same)
+            u_part, w_part = sg * cu * _Z[:, None], cw * _Z[None, :]
+            e = np.exp(s * (u_part if cw == 0.0 else w_part if cu == 0.0 else u_part + w_part))
+            K = np.broadcast_to(np.exp(-scale * e[None]), (grid.size,) + shape)  # (X, U, W)
+            if k in source.values():
+                kept[k] = K, e
+        e = np.broadcast_to(e, shape)
+        moments = np.stack((np.broadcast_to(_ZW, shape), e * _ZW, e * e * _ZW), axis=-1)
+        np.matmul(K.transpose(1, 0, 2), moments, out=out[k])         # (U, X, 3)
+    return out.transpose(3, 0, 2, 1)
 
 
 def _log_psi(s, y):
@@ -216,22 +252,23 @@ def _log_psi(s, y):
 
 
 def _combine(A, B, x, y):
-    """L = log G00 (X, Y) and the stacked weights W (5, X, Y) from the conditional transforms
-    A of row a (unsigned) and B of row b: the expectation over the shared factor u is a
-    matrix product (see `_entry_transforms`)."""
-    A0w, A1w, A2w = (F * _ZW for F in A)
+    """G00 and the stacked weights W from the conditional transforms A of row a (unsigned,
+    (3, ..., X, U)) and B of row b ((3, ..., Y, U)): the expectation over the shared factor u
+    is a matrix product (see `_entry_transforms`).  Laid out for the sums over s (x): G00 is
+    (..., Y, X) and W (..., Y, X, 5)."""
+    A0w, A1w, A2w = (F.swapaxes(-1, -2) for F in A * _ZW)    # (..., U, X)
     B0, B1, B2 = B
-    G00 = A0w @ B0.T
-    G11 = A1w @ B1.T
-    G21 = A2w @ B1.T
-    G12 = A1w @ B2.T
-    G22 = A2w @ B2.T
-    S = np.exp(x)[:, None]
-    T = np.exp(y)[None, :]
+    G00 = B0 @ A0w
+    G11 = B1 @ A1w
+    G21 = B1 @ A2w
+    G12 = B2 @ A1w
+    G22 = B2 @ A2w
+    S = np.exp(x)[None, :]
+    T = np.exp(y)[:, None]
     J = S * T
     W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22,
-                  J * S * T * G11 * G11 / G00])
-    return np.log(G00), W
+                  J * S * T * G11 * G11 / G00], axis=-1)
+    return G00, W
 
 
 def _entry_transforms(v1, v2, rho, x, y):
@@ -246,8 +283,9 @@ def _entry_transforms(v1, v2, rho, x, y):
     expectation is a matrix product over the shared factor u.
     """
     s1, s2 = np.sqrt(v1), np.sqrt(v2)
-    L, W = _combine(_conditional(s1, abs(rho), x), _conditional(s2, rho, y), x, y)
-    return L, _log_psi(s2, y), W
+    G00, W = _combine(_conditional(s1, [abs(rho)], x)[:, 0], _conditional(s2, [rho], y)[:, 0],
+                      x, y)
+    return np.log(G00.T), _log_psi(s2, y), W.transpose(2, 1, 0)
 
 
 def _contract(L, M, W, n1, n2, h):
@@ -284,8 +322,7 @@ _QUAD_H = 0.6       # trapezoid step in (log s, log t)
 _QUAD_TAIL = 14.0   # e-folds kept below the bulk of the (log s, log t) integrand
 _N_RHO = 13         # Chebyshev-Lobatto nodes in rho (on [0, 1], or [-1, 1] if any rho < 0)
 _PEEL = 8           # (v1, v2) groups split off by comparison before np.unique sorts the rest
-_CHUNK = 4096       # entries interpolated in rho at a time
-_PAIR_SETS = 16     # (n1, n2) pair sets whose node moments a _Quadrature keeps
+_MOMENT_CACHE_BYTES = 256 * 2**20   # node moments kept for repeated (quadrature, pair set)
 
 
 def _bucket(n):
@@ -307,19 +344,10 @@ def _rho_nodes(rho_lo):
     return nodes, bw
 
 
-def _sum_over_s(L, W, n1):
-    """``U[i] = sum_s exp((n1[i] - 1) L) W`` (len(n1), 5, Y), in chunks of bounded size."""
-    U = np.empty((n1.size, W.shape[0], L.shape[1]))
-    step = max(1, 2_000_000 // L.size)
-    for s0 in range(0, n1.size, step):
-        P = np.exp((n1[s0:s0 + step] - 1.0)[:, None, None] * L[None])
-        U[s0:s0 + step] = np.einsum("nxy,kxy->nky", P, W)
-    return U
-
-
 @functools.lru_cache(maxsize=128)
 def _side(v, nmax, rho_lo, signed):
-    """One row's (log s or log t) grid and its conditional transforms at every rho node.
+    """One row's (log s or log t) grid and its conditional transforms at every rho node
+    ((3, _N_RHO, X, U), read-only).
 
     Row a takes the unsigned side (|rho|), row b the signed one; they coincide for rho_lo = 0,
     so callers pass ``signed=False`` there.  Cached: a side depends on its own row only, so
@@ -327,72 +355,103 @@ def _side(v, nmax, rho_lo, signed):
     """
     grid = _grid(nmax, v, _QUAD_H, _QUAD_TAIL)
     nodes, _ = _rho_nodes(rho_lo)
-    return grid, [_conditional(np.sqrt(v), r if signed else abs(r), grid) for r in nodes]
+    # on [0, 1] the Chebyshev-Lobatto nodes are symmetric about 1/2
+    mirrored = [(_N_RHO - 1 - j, j) for j in range(_N_RHO // 2)] if rho_lo == 0.0 else ()
+    F = _conditional(np.sqrt(v), nodes if signed else np.abs(nodes), grid, mirrored)
+    F.flags.writeable = False
+    return grid, F
 
 
 class _Quadrature:
     """The analytic method at one (v1, v2), size buckets and rho range.
 
-    Holds the per-entry transforms at every rho node (L, W stacked over the nodes; M does not
-    depend on rho) and memoizes, exactly, per n1 the sums over the s grid
-    ``U(n1) = sum_s G00^(n1-1) W`` and per set of (n1, n2) pairs their node moments.
+    Holds the per-entry transforms at every rho node (G00 and W stacked over the nodes; M does
+    not depend on rho) and memoizes, exactly, per n1 the sums over the s grid
+    ``U(n1) = sum_s G00^(n1-1) W``.  The power
+    ``G00^m`` is the product of the squarings ``G00^(2^j)`` of the bits j of m, in increasing
+    order: the same values whatever else is computed.
     """
 
     def __init__(self, v1, v2, n1max, n2max, rho_lo):
         x, A = _side(v1, n1max, rho_lo, False)
         y, B = _side(v2, n2max, rho_lo, rho_lo < 0)
         self.rho_lo = rho_lo
-        per_node = [_combine(a, b, x, y) for a, b in zip(A, B)]
-        self.L = np.stack([L for L, _ in per_node])
-        self.W = np.stack([W for _, W in per_node])
+        G00, self.W = _combine(A, B, x, y)                 # (K, Y, X), (K, Y, X, 5)
         self.M = _log_psi(np.sqrt(v2), y)
+        self._squares = [G00]
         self._rows: dict = {}
-        self._pairs: dict = {}
+
+    def _power(self, m):
+        """``G00^m`` (K, Y, X) for an integer m >= 1."""
+        out, j = None, 0
+        while m:
+            if j == len(self._squares):
+                self._squares.append(self._squares[-1] * self._squares[-1])
+            if m & 1:
+                out = self._squares[j] if out is None else out * self._squares[j]
+            m >>= 1
+            j += 1
+        return out
 
     def _laplace_sums(self, un1):
-        """``U[k, i] = sum_s exp((un1[i] - 1) L_k) W_k``, shape (_N_RHO, len(un1), 5, Y)."""
-        missing = [n for n in un1 if n not in self._rows]
-        if missing:
-            U = np.stack([_sum_over_s(L, W, np.array(missing)) for L, W in zip(self.L, self.W)])
-            self._rows.update(zip(missing, U.swapaxes(0, 1)))
-        return np.stack([self._rows[n] for n in un1], axis=1)
+        """``U[k, y, i] = sum_s G00_k^(un1[i] - 1) W_k``, shape (_N_RHO, Y, len(un1), 5)."""
+        missing = [int(n) for n in un1 if n not in self._rows]
+        K, Y, X = self._squares[0].shape
+        step = max(1, 2_000_000 // (K * Y * X))
+        for s0 in range(0, len(missing), step):
+            part = missing[s0:s0 + step]
+            P = np.empty((K, Y, len(part), X))
+            for i, n in enumerate(part):
+                P[:, :, i] = 1.0 if n == 1 else self._power(n - 1)
+            U = P @ self.W                                         # (K, Y, part, 5)
+            self._rows.update((n, U[:, :, i]) for i, n in enumerate(part))
+        return np.stack([self._rows[n] for n in un1], axis=2)
 
     def node_moments(self, pairs):
         """Fluctuation parts ``Ft = n2 T1 - 1`` and ``Fq = n2 Q - (1 - 1/n1)`` of every
-        (n1, n2) row of `pairs` at every rho node: two arrays (len(pairs), _N_RHO).
-        Memoized on the pair set (the last _PAIR_SETS sets)."""
-        key = pairs.tobytes()
-        if key not in self._pairs:
-            if len(self._pairs) >= _PAIR_SETS:
-                self._pairs.pop(next(iter(self._pairs)))
-            self._pairs[key] = self._node_moments(pairs)
-        return self._pairs[key]
-
-    def _node_moments(self, pairs):
+        (n1, n2) row of `pairs` at every rho node: one array (2, len(pairs), _N_RHO)."""
         pa, pb = pairs[:, 0], pairs[:, 1]
-        un1, n1inv = np.unique(pa, return_inverse=True)
-        U = self._laplace_sums(un1)                                  # (K, N1, 5, Y)
-        D = np.exp((pb - pa)[:, None] * self.M[None, :])             # (pairs, Y): psi^(n2-n1)
-        Ft = np.empty((pairs.shape[0], _N_RHO))
-        Fq = np.empty_like(Ft)
-        for k in range(_N_RHO):
-            R = np.einsum("py,pky->kp", D, U[k][n1inv.ravel()]) * (_QUAD_H * _QUAD_H)
-            T1 = pa * R[0]
-            Qk = T1 - pa * (R[1] + R[2]) + pa * R[3] + pa * (pa - 1.0) * R[4]
-            Ft[:, k] = pb * T1 - 1.0
-            Fq[:, k] = pb * Qk - (1.0 - 1.0 / pa)
-        Ft.flags.writeable = Fq.flags.writeable = False
-        return Ft, Fq
-
-    def fluctuations(self, n1, n2, rho):
-        """Fluctuation parts (ft, fq) of every entry: the node moments of its (n1, n2),
-        interpolated in rho."""
-        pairs, at = _distinct_pairs(n1, n2)
-        C = _barycentric(rho, self.rho_lo)
-        return _interpolate(C, self.node_moments(pairs), at)
+        un1, ia = np.unique(pa, return_inverse=True)
+        ud, idd = np.unique(pb - pa, return_inverse=True)
+        U = self._laplace_sums(un1)                                # (K, Y, N1, 5)
+        E = np.exp(ud[:, None] * self.M[None, :])                  # (D, Y): psi^(n2-n1)
+        if un1.size * ud.size <= 4 * pairs.shape[0]:  # every (n1, n2 - n1) at once
+            K, Y, N1, _ = U.shape
+            R = (U.reshape(K, Y, N1 * 5).swapaxes(1, 2) @ E.T).reshape(K, N1, 5, -1)
+            R = R[:, ia, :, idd]                                   # (pairs, K, 5)
+        else:
+            R = np.einsum("py,kypc->pkc", E[idd], U[:, :, ia])
+        R *= _QUAD_H * _QUAD_H
+        a, b = pa[:, None], pb[:, None]
+        T1 = a * R[..., 0]
+        Q = T1 - a * (R[..., 1] + R[..., 2]) + a * R[..., 3] + a * (a - 1.0) * R[..., 4]
+        tables = np.stack((b * T1 - 1.0, b * Q - (1.0 - 1.0 / a)))
+        tables.flags.writeable = False
+        return tables
 
 
-_quadrature = functools.lru_cache(maxsize=128)(_Quadrature)
+_quadrature = functools.lru_cache(maxsize=64)(_Quadrature)
+
+_MOMENTS: collections.OrderedDict = collections.OrderedDict()
+_MOMENTS_BYTES = [0]
+
+
+def _node_moments(key, pairs):
+    """``_quadrature(*key).node_moments(pairs)``, memoized on (key, pair set) in a cache of at
+    most _MOMENT_CACHE_BYTES (least recently used first out), so that a repeated call needs
+    no quadrature at all."""
+    mkey = (key, pairs.tobytes())
+    tables = _MOMENTS.get(mkey)
+    if tables is not None:
+        _MOMENTS.move_to_end(mkey)
+        return tables
+    tables = _quadrature(*key).node_moments(pairs)
+    _MOMENTS[mkey] = tables
+    _MOMENTS_BYTES[0] += tables.nbytes
+    while _MOMENTS_BYTES[0] > _MOMENT_CACHE_BYTES and len(_MOMENTS) > 1:
+        _, old = _MOMENTS.popitem(last=False)
+        _MOMENTS_BYTES[0] -= old.nbytes
+    return tables
 
 
 def _distinct_pairs(n1, n2):
@@ -414,64 +473,63 @@ def _distinct_pairs(n1, n2):
     return np.stack(np.divmod(values, m), axis=1).astype(np.float64), at
 
 
-_WEIGHT_MEMO: dict = {}
-
-
 def _barycentric(r, rho_lo):
-    """Interpolation matrix (len(r), _N_RHO) for the Chebyshev-Lobatto nodes (a row is one-hot
-    where r is a node), built _CHUNK rows at a time to keep the temporaries small.  Memoized
-    on the last two inputs: the two calls of a variance interpolation share rho."""
-    key = (rho_lo, r.tobytes())
-    if key in _WEIGHT_MEMO:
-        return _WEIGHT_MEMO[key]
+    """Barycentric interpolation weights for the Chebyshev-Lobatto nodes, unnormalized: c
+    (_N_RHO, len(r)) and their column sums; the interpolant of node values f is
+    ``(f @ c) / sums``.  Where r is a node the column is one-hot (sum 1)."""
     nodes, bw = _rho_nodes(rho_lo)
-    C = np.empty((r.size, _N_RHO))
-    for s0 in range(0, r.size, _CHUNK):
-        d = r[s0:s0 + _CHUNK, None] - nodes[None, :]
-        hit = d == 0.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c = bw[None, :] / d
-            c = c / c.sum(axis=1, keepdims=True)
-        rows = hit.any(axis=1)
-        c[rows] = hit[rows]
-        C[s0:s0 + _CHUNK] = c
-    if len(_WEIGHT_MEMO) >= 2:
-        _WEIGHT_MEMO.pop(next(iter(_WEIGHT_MEMO)))
-    C.flags.writeable = False
-    _WEIGHT_MEMO[key] = C
-    return C
+    c = np.subtract(r[None, :], nodes[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(bw[:, None], c, out=c)
+        sums = np.add.reduce(c, axis=0)
+    hit = np.flatnonzero(~np.isfinite(sums))
+    if hit.size:
+        c[:, hit] = nodes[:, None] == r[hit]
+        sums[hit] = 1.0
+    return c, sums
 
 
-def _interpolate(C, tables, at):
-    """For every table (rows, nodes): ``sum_k C[e, k] table[at[e], k]`` for every entry e,
-    _CHUNK entries at a time (a one-row table is broadcast rather than gathered)."""
-    out = [np.empty(C.shape[0]) for _ in tables]
-    for s0 in range(0, C.shape[0], _CHUNK):
-        part = slice(s0, s0 + _CHUNK)
-        for o, t in zip(out, tables):
-            rows = np.broadcast_to(t, C[part].shape) if len(t) == 1 else t[at[part]]
-            o[part] = np.einsum("ik,ik->i", C[part], rows)
+def _interpolate(weights, tables, at):
+    """``sum_k C[k, e] table[at[e], k]`` for the entries e of a group and both node tables
+    (2, len(pairs), _N_RHO) of `_Quadrature.node_moments`, C the normalized `_barycentric`
+    weights."""
+    c, sums = weights
+    out = np.einsum("ke,tke->te", c, tables.swapaxes(1, 2)[:, :, at])
+    out /= sums
     return out
 
 
-def _groups(v1, v2, idx):
-    """Split the entries idx by their exact (v1, v2); yields (v1, v2, selection).
+def _groups(v1, v2, live):
+    """Split the live entries (a boolean mask; None: every entry) by their exact (v1, v2);
+    yields (v1, v2, selection).  0-d variances are one group.
 
     The variances usually take a few grid values, so groups are split off by comparison (a
     single group covering every entry is selected by a slice, without copies) and np.unique
     sorts only what is left after _PEEL groups.
     """
-    a, b = v1[idx], v2[idx]
+    if v1.ndim == 0 and v2.ndim == 0:
+        yield float(v1), float(v2), slice(None) if live is None else np.flatnonzero(live)
+        return
+    equal = v1 is v2
+    if live is None:
+        idx, a, b = None, v1, v2
+    else:
+        idx = np.flatnonzero(live)
+        a = v1[idx]
+        b = a if equal else v2[idx]
     for _ in range(_PEEL):
-        if idx.size == 0:
+        if a.size == 0:
             return
-        same = (a == a[0]) & (b == b[0])
-        if idx.size == v1.size and same.all():
-            yield float(a[0]), float(b[0]), slice(None)
-            return
+        same = a == a[0] if equal else (a == a[0]) & (b == b[0])
+        if idx is None:
+            if same.all():
+                yield float(a[0]), float(b[0]), slice(None)
+                return
+            idx = np.arange(v1.size)
         yield float(a[0]), float(b[0]), idx[same]
         rest = ~same
-        idx, a, b = idx[rest], a[rest], b[rest]
+        idx, a = idx[rest], a[rest]
+        b = a if equal else b[rest]
     keys, inv = np.unique(a + 1j * b, return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
@@ -480,21 +538,89 @@ def _groups(v1, v2, idx):
         yield float(key.real), float(key.imag), idx[order[bounds[g]:bounds[g + 1]]]
 
 
-def _analytic(n1, n2, v1, v2, rho):
-    T = 1.0 / n2
-    Q = (1.0 - 1.0 / n1) / n2
-    live = ((v1 > 0) | (v2 > 0)) & (n2 > 1)
-    for g1, g2, sel in _groups(v1, v2, np.flatnonzero(live)):
-        a, b, r = n1[sel], n2[sel], rho[sel]
-        rho_lo = 0.0 if r.min() >= 0 else -1.0
-        quad = _quadrature(g1, g2, _bucket(a.max()), _bucket(b.max()), rho_lo)
-        ft, fq = quad.fluctuations(a, b, r)
-        T[sel] = (1.0 + ft) / b
-        Q[sel] = (fq + 1.0 - 1.0 / a) / b
-    # exact limits
-    T = np.where(rho == 0.0, 1.0 / n2, T)
-    Q = np.where(n1 == 1.0, 0.0, Q)
-    return T, Q
+def _analytic(n1, n2, sides, rho):
+    """(T1, Q) at each (v1, v2) of `sides`; rho a flat array, the variances flat arrays like it
+    or 0-d (the same for every entry), n1 and n2 too.  The entries at one exact (v1, v2) form
+    a group, one `_Quadrature`; groups that select the same entries (and rho range), in
+    different sides, share their interpolation weights and, when each has a single (n1, n2)
+    pair, one matrix product."""
+    fixed = n1.ndim == 0 and n2.ndim == 0
+    if fixed:
+        a, b = float(n1), float(n2)
+        pair = np.array([[a, b]])
+        n1b, n2b, buckets = a, b, (_bucket(a), _bucket(b))
+    else:
+        n1b, n2b = np.broadcast_to(n1, rho.shape), np.broadcast_to(n2, rho.shape)
+    def uniform():  # T1 and Q of uniform attention, for every entry
+        if fixed:
+            return np.full(rho.shape, 1.0 / b), np.full(rho.shape, (1.0 - 1.0 / a) / b)
+        return 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
+
+    out, jobs, ranges = [], {}, {}
+    for v1, v2 in sides:
+        res = [None, None]  # T1, Q: filled by the groups, uniform-limit values elsewhere
+        out.append(res)
+        if fixed and b <= 1:
+            continue
+        if fixed and v1.ndim == 0 and v2.ndim == 0:  # one group, or none
+            if not (v1 > 0 or v2 > 0):
+                continue
+            groups = [(float(v1), float(v2), slice(None))]
+        else:
+            live = v1 > 0 if v1 is v2 else (v1 > 0) | (v2 > 0)
+            if not fixed:
+                live = live & (n2b > 1)
+            if not live.any():
+                continue
+            groups = _groups(v1, v2, None if live.all() else live)
+        for g1, g2, sel in groups:
+            key = "all" if isinstance(sel, slice) else sel.tobytes()
+            if key not in ranges:
+                r = rho[sel]
+                ranges[key] = r, 0.0 if r.min() >= 0 else -1.0
+            r, rho_lo = ranges[key]
+            if fixed:
+                pairs, at = pair, None
+            else:
+                a, b = n1b[sel], n2b[sel]
+                pairs, at = _distinct_pairs(a, b)
+                buckets = _bucket(a.max()), _bucket(b.max())
+            tables = _node_moments((g1, g2, *buckets, rho_lo), pairs)
+            jobs.setdefault((rho_lo, key), (r, rho_lo, []))[2].append((res, sel, a, b, tables,
+                                                                       at))
+    for r, rho_lo, items in jobs.values():
+        c, sums = _barycentric(r, rho_lo)
+        single = [item for item in items if item[-1] is None]
+        parts = []
+        if single:  # one matrix product for every single-pair table of these entries
+            fluct = np.concatenate([item[4][:, 0] for item in single]) @ c
+            fluct /= sums
+            parts = zip(single, fluct[0::2], fluct[1::2])
+        others = [(item, *_interpolate((c, sums), item[4], item[5]))
+                  for item in items if item[-1] is not None]
+        for (res, sel, a, b, _, _), ft, fq in [*parts, *others]:
+            t, q = (1.0 + ft) / b, (fq + 1.0 - 1.0 / a) / b
+            if isinstance(sel, slice):
+                res[:] = t, q
+                continue
+            if res[0] is None:
+                res[:] = uniform()
+            res[0][sel], res[1][sel] = t, q
+    zero = rho == 0.0
+    zero = np.flatnonzero(zero) if zero.any() else None
+    if fixed:
+        one = slice(None) if n1 == 1 else None
+    else:
+        one = n1b == 1.0
+        one = np.flatnonzero(one) if one.any() else None
+    for res in out:
+        if res[0] is None:
+            res[:] = uniform()
+        if zero is not None:  # exact limits
+            res[0][zero] = 1.0 / (n2b if fixed else n2b[zero])
+        if one is not None:
+            res[1][one] = 0.0
+    return out
 
 
 def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
@@ -516,11 +642,26 @@ def pair_moments(n1, n2, v1, v2, rho, method="analytic", samples=4096, seed=0):
     Raises ValueError for n1 < 1 or non-integer, n2 < n1, v < 0, |rho| > 1,
     or an unknown method.
     """
-    n1, n2, v1, v2, rho = _validate(n1, n2, v1, v2, rho, method)
-    shape = n1.shape
+    n1, n2, (v1, v2), rho, shape = _validate(n1, n2, (("v1", v1), ("v2", v2)), rho, method)
+    n1, n2, v1, v2, rho = (_flat(x, shape) for x in (n1, n2, v1, v2, rho))
     if method == "mc":
-        T, Q, _, _ = _mc_moments(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(),
-                                 rho.ravel(), samples=samples, seed=seed)
+        T, Q, _, _ = _mc_moments(n1, n2, v1, v2, rho, samples=samples, seed=seed)
         return T.reshape(shape), Q.reshape(shape)
-    T, Q = _analytic(n1.ravel(), n2.ravel(), v1.ravel(), v2.ravel(), rho.ravel())
+    [(T, Q)] = _analytic(n1, n2, [(v1, v2)], rho)
     return T.reshape(shape), Q.reshape(shape)
+
+
+def pair_moments_at(n1, n2, variances, rho):
+    """`pair_moments` (analytic) of two rows of equal logit variance v (v1 = v2 = v) for each
+    array v of `variances`, at the same n1, n2 and rho: one validation of the sizes and rho,
+    and one set of rho interpolation weights per group of entries, serve every variance.
+    Returns a list of (T1, Q), one per variance, each in the broadcast shape; the values are
+    those of ``pair_moments(n1, n2, v, v, rho)`` up to rounding (single-pair groups of all the
+    variances are interpolated by one matrix product)."""
+    n1, n2, vs, rho, shape = _validate(n1, n2, [("v", v) for v in variances], rho, "analytic")
+    if n1.ndim or n2.ndim:
+        n1, n2 = _flat(n1, shape), _flat(n2, shape)
+    rho = _flat(rho, shape)
+    out = _analytic(n1, n2, [(v, v) for v in (v if v.ndim == 0 else _flat(v, shape) for v in vs)],
+                    rho)
+    return [(T.reshape(shape), Q.reshape(shape)) for T, Q in out]
