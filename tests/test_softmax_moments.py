@@ -111,3 +111,15 @@ def test_pair_moments_at_equals_pair_moments():
             np.testing.assert_allclose(Q, want_q, rtol=1e-14, atol=0)
     with pytest.raises(ValueError, match="v="):
         pair_moments_at(4, 4, (np.array([0.5, np.nan]),), 0.5)
+
+
+def test_negative_rho_moments_finite_and_match_mc():
+    # with some rho < 0 the nodes span [-1, 1]; at rho = -1 the per-entry transform G00
+    # underflows to 0 for large s and t, where the weight G11^2 / G00 must take its limit 0
+    # (it was 0/0 = NaN, which made every Q of the group NaN)
+    rho = np.array([-0.8, -0.5, 0.3, 0.9])
+    T, Q = pair_moments(8, 8, 2.0, 2.0, rho)
+    Tm, Qm, seT, seQ = _mc_moments([8] * 4, [8] * 4, [2.0] * 4, [2.0] * 4, rho, samples=20_000,
+                                   seed=1)
+    assert np.all(np.abs(T - Tm) <= 4 * seT + APPROX_REL * np.abs(T))
+    assert np.all(np.abs(Q - Qm) <= 4 * seQ + APPROX_REL * np.abs(Q))

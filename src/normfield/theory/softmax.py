@@ -266,8 +266,9 @@ def _combine(A, B, x, y):
     S = np.exp(x)[None, :]
     T = np.exp(y)[:, None]
     J = S * T
-    W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22,
-                  J * S * T * G11 * G11 / G00], axis=-1)
+    # G11^2 / G00: where G00 underflows to 0 so does G11 (G11^2 <= G00 G22), and the limit is 0
+    ratio = np.divide(J * S * T * G11 * G11, G00, out=np.zeros(G00.shape), where=G00 > 0)
+    W = np.stack([J * G11, J * S * G21, J * T * G12, J * S * T * G22, ratio], axis=-1)
     return G00, W
 
 
