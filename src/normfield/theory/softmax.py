@@ -542,9 +542,9 @@ def _groups(v1, v2, live):
 def _analytic(n1, n2, sides, rho):
     """(T1, Q) at each (v1, v2) of `sides`; rho a flat array, the variances flat arrays like it
     or 0-d (the same for every entry), n1 and n2 too.  The entries at one exact (v1, v2) form
-    a group, one `_Quadrature`; groups that select the same entries (and rho range), in
-    different sides, share their interpolation weights and, when each has a single (n1, n2)
-    pair, one matrix product."""
+    a group, one `_Quadrature`; the rho interpolation weights are computed once per rho range
+    for every entry, and groups that select the same entries, in different sides, share one
+    matrix product when each has a single (n1, n2) pair."""
     fixed = n1.ndim == 0 and n2.ndim == 0
     if fixed:
         a, b = float(n1), float(n2)
@@ -587,10 +587,14 @@ def _analytic(n1, n2, sides, rho):
                 pairs, at = _distinct_pairs(a, b)
                 buckets = _bucket(a.max()), _bucket(b.max())
             tables = _node_moments((g1, g2, *buckets, rho_lo), pairs)
-            jobs.setdefault((rho_lo, key), (r, rho_lo, []))[2].append((res, sel, a, b, tables,
-                                                                       at))
-    for r, rho_lo, items in jobs.values():
-        c, sums = _barycentric(r, rho_lo)
+            jobs.setdefault((rho_lo, key), (sel, rho_lo, []))[2].append((res, sel, a, b, tables,
+                                                                         at))
+    weights = {}  # per rho range, over every entry (a group takes its columns)
+    for sel, rho_lo, items in jobs.values():
+        if rho_lo not in weights:
+            weights[rho_lo] = _barycentric(rho, rho_lo)
+        c, sums = weights[rho_lo]
+        c, sums = c[:, sel], sums[sel]
         single = [item for item in items if item[-1] is None]
         parts = []
         if single:  # one matrix product for every single-pair table of these entries
