@@ -404,6 +404,11 @@ def gram_fluctuation(mask: Mask, kx: Blocks, width: int, rot: Rotary | None = No
     as random; QK-Norm rescales the key kernel by its mean normalization.  Checks:
     ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8; the RoPE forms against
     their definition summed term by term)."""
+    if rot is None and mask.full:  # t a scalar, B = mean(D(K)^2) per block (both at once)
+        dk = _double_centred(kx.a)
+        t = float(np.add.reduce(kx.diag) / kx.diag.size) - _mean(kx.w, (-2, -1)).item()
+        c = Blocks.of(np.broadcast_to(t * t + _mean(dk * dk, (-2, -1)), kx.a.shape) / width)
+        return c, c
     if rot is None:
         t = mask.left(np.diag(kx.w)[:, None])[:, 0] - np.diag(mask.sandwich(kx.w))
         tt = np.outer(t, t)
