@@ -80,12 +80,13 @@ def test_param_init_rejects_unknown_group():
     (dict(chunk=0), ["chunk", ">= 1"]),
 ])
 def test_measure_rejects_bad_arguments_before_compiling(kw, words):
-    from normfield.probe.measure import measure_grad_norms
+    from normfield.probe.measure import measure_grad_norms, measure_sweep
 
-    with pytest.raises(ValueError) as info:
-        measure_grad_norms(arch(), **kw)
-    for w in words:
-        assert w in str(info.value), str(info.value)
+    for call in (lambda: measure_grad_norms(arch(), **kw), lambda: measure_sweep([arch()], **kw)):
+        with pytest.raises(ValueError) as info:
+            call()  # measure_sweep raises at the call, before any result is asked for
+        for w in words:
+            assert w in str(info.value), str(info.value)
 
 
 # ---- identity and serialization ---------------------------------------------------------------

@@ -134,9 +134,14 @@ def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float3
     (each pinned to its device, all of a wave dispatched before any result is fetched), so
     that N devices measure N configurations at once.  Same numbers as `measure_grad_norms`
     (up to float rounding); the metadata names the device (``sweep_device``) and the seconds
-    from the wave's dispatch to this result."""
+    from the wave's dispatch to this result.  Bad arguments raise ValueError at the call, not at
+    the first result."""
     chunk = _check_args(seeds, key, precision, chunk)
-    archs, devices = list(archs), jax.local_devices()
+    return _sweep(list(archs), seeds, key, precision, chunk, remat)
+
+
+def _sweep(archs, seeds, key, precision, chunk, remat):
+    devices = jax.local_devices()
     for lo in range(0, len(archs), len(devices)):
         wave = list(zip(archs[lo:lo + len(devices)], devices))
         start = time.perf_counter()
