@@ -83,13 +83,52 @@ def _norm_scale(x: Point, kind: str, eps: float) -> np.ndarray:
     return np.sqrt(d + eps)
 
 
+def _expected_cosine(s: np.ndarray, mean: np.ndarray | None, dof: float, eps: float) -> np.ndarray:
+    """``E[u_i . u_j / (|u_i| |u_j|)]`` (with eps added to the squared norms' means) of tokens
+    whose `dof` coordinates are iid Gaussian with second moments ``s`` (stacked blocks) and
+    coordinate-mean kernel `mean` (None: centred), to O(1/dof).
+
+    The ratio of expectations ``s_ij / sqrt(s_ii s_jj)`` is biased: the realized cosine of two
+    Gaussian vectors is smaller in magnitude (Fisher 1915, the bias of the sample correlation:
+    ``E[r] = rho (1 - (1 - rho^2)/(2 dof))`` when centred).  By the delta method for
+    ``a/sqrt(bc)`` with ``a = S_ij, b = S_ii + eps, c = S_jj + eps`` (S the realized second
+    moments),
+
+        E[r] = r0 (1 + Cov(b,c)/(4bc) + 3 Var(b)/(8b^2) + 3 Var(c)/(8c^2))
+               - (Cov(a,b)/(2b) + Cov(a,c)/(2c)) / sqrt(bc),
+
+    with the Gaussian (Wishart) covariances ``dof Cov(S_ij, S_kl) = C_ik C_jl + C_il C_jk +
+    M_ik C_jl + M_il C_jk + M_jk C_il + M_jl C_ik`` (C = s - M the centred part).  Near token
+    collapse (rho -> 1) this raises the spread 1 - cos by the factor ``1 + (1 + rho)/(2 dof)``,
+    which compounds over depth in Post-LN.  On the diagonal (a = b - eps) the same expansion
+    gives ``E[S/(S + eps)] = 1 - eps/b (1 + Var(b)/b^2)``: keeping it keeps the eps terms of the
+    cosine consistent, which matters near collapse, where 1 - cos is as small as eps/d."""
+    m = np.zeros_like(s) if mean is None else mean
+    c = s - m
+    cd, md = c[0].diagonal(), m[0].diagonal()
+    ci, cj, mi, mj = cd[:, None], cd[None, :], md[:, None], md[None, :]
+    b, e = s[0].diagonal()[:, None] + eps, s[0].diagonal()[None, :] + eps
+    root = np.sqrt(b * e)
+    cov_ab = 2.0 * (c * (ci + mi) + m * ci) / dof
+    cov_ac = 2.0 * (c * (cj + mj) + m * cj) / dof
+    cov_bc = 2.0 * c * (c + 2.0 * m) / dof
+    var_b, var_c = 2.0 * ci * (ci + 2.0 * mi) / dof, 2.0 * cj * (cj + 2.0 * mj) / dof
+    return (s / root * (1.0 + cov_bc / (4.0 * b * e) + 0.375 * (var_b / (b * b) + var_c / (e * e)))
+            - (cov_ab / (2.0 * b) + cov_ac / (2.0 * e)) / root)
+
+
 def norm_forward(x: Point, kind: str, eps: float) -> Point:
+    """Output kernel ``E[y_i . y_j]/d``: the expected cosine of the (centred, for LayerNorm)
+    input tokens, with its O(1/d) finite-width bias (`_expected_cosine`; dof d - 1 for
+    LayerNorm, d for RMSNorm), which is ``C(i,i)/(C(i,i) + eps)`` up to O(eps/d) on the diagonal;
+    for RMSNorm also the coordinate-mean kernel ``M/(s_i s_j)``."""
+    if kind == "layernorm":
+        k = _expected_cosine(x.k.a + x.m.a * -1.0, None, x.width - 1.0, eps)
+        return Point(Blocks.of(k), Blocks.full(k.shape[1], 0.0, 0.0), x.width)
     scale = _norm_scale(x, kind, eps)
     inv = 1.0 / (scale[:, None] * scale[None, :])
-    if kind == "layernorm":
-        k = Blocks.of((x.k.a + x.m.a * -1.0) * inv)
-        return Point(k, Blocks.full(k.a.shape[1], 0.0, 0.0), x.width)
-    return Point(Blocks.of(x.k.a * inv), Blocks.of(x.m.a * inv), x.width)
+    return Point(Blocks.of(_expected_cosine(x.k.a, x.m.a, float(x.width), eps)),
+                 Blocks.of(x.m.a * inv), x.width)
 
 
 def _scale_dof(x: Point, kind: str) -> tuple[int, np.ndarray]:
@@ -104,7 +143,8 @@ def _scale_dof(x: Point, kind: str) -> tuple[int, np.ndarray]:
     return 1, d * (c + m2) ** 2 / (c * c + 2 * m2 * c)
 
 
-def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Blocks:
+def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float,
+                  radial: bool = True) -> Blocks:
     """G_x(i,j) = G_y(i,j) E[1/(s_i s_j)] tr(P_i P_j)/d, both factors to O(1/d).
 
     ``E[1/(s_i s_j)]``: the per-token mean square s_i^2 fluctuates (Gaussian coordinates) with
@@ -114,7 +154,12 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     diagonal and, by the delta method, ``(1 + 3/(4 k_i) + 3/(4 k_j) + rho^2/(2 sqrt(k_i k_j)))
     / sqrt(C(i,i) C(j,j))`` off it.  This Jensen factor and the projection's ``tr(P_i P_j)/d``
     nearly cancel on the diagonal; keeping only one of them biases every norm's backward map by
-    O(1/d), which compounds over depth in Post-LN."""
+    O(1/d), which compounds over depth in Post-LN.
+
+    `radial`: whether the output gradient has its isotropic share along the output direction.
+    When it is exactly orthogonal to it (``g_y,i . y_i = 0``; `predict._radial_free_norms`),
+    the projection onto the output direction removes nothing and ``tr(P_i P_j) = d - p + 1``
+    for every pair (LayerNorm: the coordinate mean alone; RMSNorm: nothing)."""
     scale = _norm_scale(x, kind, eps)
     d = x.width
     if kind == "layernorm":  # k = d - 1 for every token: scalar factors
@@ -126,8 +171,9 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float) -> Block
     base, root = 1.0 + 0.75 / ki + 0.75 / kj, np.sqrt(ki * kj)
     r2 = cosine(y.k).a
     r2 *= r2
-    fac = (d - p - 1 + r2) / d * (base + 0.5 * r2 / root)
-    fac[0].reshape(-1)[::fac.shape[-1] + 1] = (d - p) / d * k / (k - 2)  # the diagonal
+    kept = r2 - 1.0 if radial else 1.0  # tr(P_i P_j) = d - p + kept
+    fac = (d - p + kept) / d * (base + 0.5 * r2 / root)
+    fac[0].reshape(-1)[::fac.shape[-1] + 1] = (d - p + (0.0 if radial else 1.0)) / d * k / (k - 2)
     return Blocks.of(g.a * fac * (1.0 / (scale[:, None] * scale[None, :])))
 
 

@@ -94,6 +94,50 @@ def _correlated_adds(steps: tuple) -> tuple[frozenset, frozenset]:
     return frozenset(carries), frozenset(correlated)
 
 
+def _radial_free_norms(steps: tuple, homogeneous: bool, biased: frozenset) -> frozenset:
+    """Indices of the Norm steps whose output gradient is exactly orthogonal to their output,
+    token by token (Euler's theorem for homogeneous maps).
+
+    Let y be a norm's output and f the map from y to the input u of a later norm.  If u
+    depends on y alone and f is positively homogeneous of degree 1 token by token (bias-free
+    Linear, ReLU, Scale, and Adds of such terms; every gain and norm bias at its init value),
+    then ``g_y . y = g_u . J_f y = g_u . f(y) = g_u . u = 0``, the last because a norm is
+    invariant to the scale of its input.  Post-LN's first norm is such a norm (u = h + FFN(h)
+    with a ReLU FFN), as are DeepNorm's, Peri-LN's and NormFormer's norms before a ReLU FFN.
+    `maps.norm_backward` then removes only the coordinate mean (LayerNorm) or nothing
+    (RMSNorm) instead of an isotropic share 1/d of the gradient along y.
+
+    A register is clean when it is computed from y by such steps alone; a clean register used
+    in any other way (attention, a gate, a smooth activation, a biased Linear, an Add with a
+    register not computed from y alone, or the block output, whose uses lie outside the
+    block) breaks the property.  `homogeneous`: the block's activation is ReLU; `biased`: the
+    names of Linears with random biases."""
+    found = []
+    for i, s in enumerate(steps):
+        if not isinstance(s, Norm):
+            continue
+        clean, ok = {s.dst}, True
+        for t in steps[i + 1:]:
+            srcs = {t.a, t.b} if isinstance(t, (Add, Product)) else {getattr(t, "src", None)}
+            if isinstance(t, (SelfAttention, CrossAttention)):
+                srcs.add(getattr(t, "memory", None))
+            used = srcs & clean
+            if not used:
+                continue
+            if isinstance(t, Norm):
+                continue  # closes: a norm is invariant to the scale of its input
+            if (isinstance(t, Scale) or (isinstance(t, Linear) and t.name not in biased)
+                    or (isinstance(t, Activation) and homogeneous)
+                    or (isinstance(t, Add) and srcs <= clean)):
+                clean.add(t.dst)
+            else:
+                ok = False
+                break
+        if ok and steps[-1].dst not in clean:
+            found.append(i)
+    return frozenset(found)
+
+
 class _Gradients:
     """Gradient kernels ``G = E[g_i . g_j]/d`` of a block's registers, accumulated backward.
 
@@ -161,6 +205,8 @@ class _Block:
                                         arch.norm_eps, arch.qk_temperature)
         self._vars = _stack_vars(arch, stack)
         self.carries, self.correlated = _correlated_adds(steps)
+        biased = frozenset(s.name for s in steps if isinstance(s, Linear) and self._var(s.name)[1])
+        self.radial_free = _radial_free_norms(steps, self.phi == "relu", biased)
 
     def _var(self, name: str) -> tuple[float, float]:
         """(weight variance, bias variance) of a parameter, resolved once per stack (the
@@ -243,7 +289,8 @@ class _Block:
             if isinstance(s, Norm):
                 y_src = (None if y is None else
                          y * norm_cross_backward(env[s.src], a.norm, a.norm_eps)[:, None])
-                push(s.src, norm_backward(env[s.src], env[s.dst], g, a.norm, a.norm_eps), y_src)
+                push(s.src, norm_backward(env[s.src], env[s.dst], g, a.norm, a.norm_eps,
+                                          radial=i not in self.radial_free), y_src)
                 grads[f"{s.name}.scale"] = gain_grad_sq(env[s.dst], g, b)
             elif isinstance(s, Linear):
                 var_w, _ = self._var(s.name)
