@@ -121,7 +121,7 @@ def test_gram_term_closed_forms_match_their_definition(kind):
     cases = ((None, np.ones((n,) * 4)),
              (attention.Rotary.build(n, d_head), rotation.reshape(c.shape)))
     for rot, weight in cases:
-        contracted, positions = attention.gram_fluctuation(mask, kx, width, rot)
+        contracted, positions = attention.gram_fluctuation(mask, kx, 1.0 / width, rot)
         for blk, other in (("w", kx.w), ("c", kx.c)):
             for got, on_positions in ((getattr(contracted, blk), False),
                                       (getattr(positions, blk), True)):

@@ -372,7 +372,7 @@ def _qk_norm_backward(raw: Blocks, normed: Blocks, g: Blocks, spec: HeadSpec) ->
                          "rmsnorm", spec.eps)
 
 
-def gram_fluctuation(mask: Mask, kx: Blocks, width: int, rot: Rotary | None = None):
+def gram_fluctuation(mask: Mask, kx: Blocks, fluct: float, rot: Rotary | None = None):
     """Covariance of the keys' and values' realized kernels through their shared input.
 
     Keys and values are projections of the same input tokens x, so their realized (per-head,
@@ -399,6 +399,10 @@ def gram_fluctuation(mask: Mask, kx: Blocks, width: int, rot: Rotary | None = No
     gradient: so two kernels are returned, (C for the output, G_q and W_v; C for W_k), the
     same object twice without RoPE.
 
+    `fluct`: the amplitude of that covariance, ``1/d`` for iid coordinates; deep in a network
+    the realized kernel fluctuates more (`predict._Fluctuations`, ``1/d_eff``), and every 1/d
+    above reads `fluct`.
+
     Approximations: the input's coordinates are treated as Gaussian and random, so the
     deterministic part of sinusoidal positions (a third of the embedding kernel) is counted
     as random; QK-Norm rescales the key kernel by its mean normalization.  Checks:
@@ -407,18 +411,18 @@ def gram_fluctuation(mask: Mask, kx: Blocks, width: int, rot: Rotary | None = No
     if rot is None and mask.full:  # t a scalar, B = mean(D(K)^2) per block (both at once)
         dk = _double_centred(kx.a)
         t = float(np.add.reduce(kx.diag) / kx.diag.size) - _mean(kx.w, (-2, -1)).item()
-        c = Blocks.of(np.broadcast_to(t * t + _mean(dk * dk, (-2, -1)), kx.a.shape) / width)
+        c = Blocks.of(np.broadcast_to(t * t + _mean(dk * dk, (-2, -1)), kx.a.shape) * fluct)
         return c, c
     if rot is None:
         t = mask.left(np.diag(kx.w)[:, None])[:, 0] - np.diag(mask.sandwich(kx.w))
         tt = np.outer(t, t)
         c = Blocks(tt + _mean_query_term(mask, kx.w, kx.w),
-                   tt + _mean_query_term(mask, kx.c, kx.c)) * (1.0 / width)
+                   tt + _mean_query_term(mask, kx.c, kx.c)) * fluct
         return c, c
     tau = mask.mean * (np.diag(kx.w)[None, :] - mask.left(kx.w))
     blocks = [_rotated_pair_term(mask, tau, k, rot) for k in (kx.w, kx.c)]
     (ce_w, jj_w), (ce_c, jj_c) = blocks
-    scale = rot.weight / width
+    scale = rot.weight * fluct
     return Blocks(ce_w, ce_c) * scale, Blocks(jj_w, jj_c) * scale
 
 
@@ -458,7 +462,7 @@ def _second_positions(mask: Mask, k: np.ndarray, a: np.ndarray, b: np.ndarray) -
 
 def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
             method: str = "analytic", spec: HeadSpec | None = None,
-            kx_memory: Blocks | None = None):
+            kx_memory: Blocks | None = None, fluct: float | None = None):
     """Kernel of the concatenated head outputs, and the state for `backward`.
 
     var_* are the weight variances of W_q, W_k, W_v (fan-in `width`), bias_var their biases'.
@@ -466,7 +470,8 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     `kx_memory`, as many tokens as queries) and the queries from `kx`; the logit field is then
     ``Cov(s_ij, s_i'j') = K_q(i, i') K_k(j, j')`` with K_q from the queries' stream and K_k from
     the memory, and everything below holds unchanged (W_q and W_k are independent, so the
-    cross-kernel between the two streams does not enter at this order)."""
+    cross-kernel between the two streams does not enter at this order).  `fluct`: the amplitude
+    of the key/value input's realized-kernel covariance (`gram_fluctuation`; default 1/width)."""
     spec = spec or HeadSpec(d_head=width)
     n = kx.w.shape[0]
     kx_kv = kx if kx_memory is None else kx_memory
@@ -506,7 +511,8 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     t1, q = softmax_moments(n1, n2, np.sqrt(row_var[:, None] * row_var[None, :]), rho, method)
     a_fluct = _per_extra_key(t1 - 1.0 / n2, n1)
     q_fluct = q - (1.0 - 1.0 / n1) / n2
-    gram, gram_k = gram_fluctuation(mask, kx_kv, width, None if rot.identity else rot)
+    gram, gram_k = gram_fluctuation(mask, kx_kv, 1.0 / width if fluct is None else fluct,
+                                    None if rot.identity else rot)
     s_k, s_v = var_k * width, var_v * width
     if spec.qk_norm:
         s_k *= np.mean(kk.diag) / np.mean(raw_k.diag)

@@ -53,7 +53,8 @@ TABLE_SIZE = 2049
 
 
 @lru_cache(maxsize=1)
-def _nodes():
+def gauss_hermite():
+    """Gauss-Hermite nodes and weights (normalized) for expectations over N(0, 1)."""
     z, w = hermegauss(ORDER)
     return z, w / w.sum()
 
@@ -63,7 +64,7 @@ _CHUNK = 1024  # entries evaluated at a time (temporaries of _CHUNK * ORDER^2 va
 
 def _quadrature(name, q1, q2, rho):
     """E[phi phi], E[phi' phi'] by 2-D Gauss-Hermite; inputs broadcast to one shape."""
-    z, w = _nodes()
+    z, w = gauss_hermite()
     q1, q2, rho = np.broadcast_arrays(q1, q2, rho)
     shape = rho.shape
     q1, q2, rho = q1.ravel(), q2.ravel(), rho.ravel()
@@ -110,5 +111,5 @@ def mean(name: str, q):
     q = np.asarray(q, float)
     if name == "relu":
         return np.sqrt(q / (2 * np.pi))
-    z, w = _nodes()
+    z, w = gauss_hermite()
     return np.sum(w * SMOOTH[name](np.sqrt(q)[..., None] * z)[0], axis=-1)

@@ -41,9 +41,17 @@ from normfield.theory.kernels import Blocks, block_sums, cosine, pair_sum
 
 @dataclass(frozen=True)
 class Point:
+    """Forward state: kernel K, coordinate-mean kernel M, width, and the amplitude of the
+    realized kernel's fluctuation (`fluctuation`; None: iid coordinates, 1/width)."""
+
     k: Blocks
     m: Blocks
     width: int
+    fluct: float | None = None
+
+    @property
+    def c(self) -> float:
+        return 1.0 / self.width if self.fluct is None else self.fluct
 
 
 def linear_forward(x: Point, var_w: float, var_b: float, fan_out: int) -> Point:
@@ -103,7 +111,15 @@ def _expected_cosine(s: np.ndarray, mean: np.ndarray | None, dof: float, eps: fl
     which compounds over depth in Post-LN.  On the diagonal (a = b - eps) the same expansion
     gives ``E[S/(S + eps)] = 1 - eps/b (1 + Var(b)/b^2)``: keeping it keeps the eps terms of the
     cosine consistent, which matters near collapse, where 1 - cos is as small as eps/d."""
-    m = np.zeros_like(s) if mean is None else mean
+    if mean is None:  # centred: the covariances below with M = 0, in a few fused terms
+        cd = s[0].diagonal()
+        b = cd + eps
+        ri, root = cd / b, np.sqrt(b)
+        inv = 1.0 / (root[:, None] * root[None, :])
+        r = s * inv
+        rr = ri * (0.75 * ri - 1.0)
+        return r * (1.0 + (0.5 * r * r + rr[:, None] + rr[None, :]) / dof)
+    m = mean
     c = s - m
     cd, md = c[0].diagonal(), m[0].diagonal()
     ci, cj, mi, mj = cd[:, None], cd[None, :], md[:, None], md[None, :]

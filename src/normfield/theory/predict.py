@@ -2,11 +2,14 @@
 forward kernels then backward kernels, and ``E||dL/dW||_F^2`` for every weight.
 
 Approximations (each named where it is made): leading order in 1/width with the
-gradient-independence assumption (`maps`); Gaussian logits with exchangeable keys for the
-softmax (`attention`, `softmax`), plus the one finite-width term that grows with the number
-of keys n, O(n/d): the covariance of the keys' and values' realized kernels through their
-shared input tokens (`attention.gram_fluctuation`); expectations of ratios replaced by ratios
-of expectations in the norms; token collisions enter the kernels in expectation (probability sum_v p_v^2).
+gradient-independence assumption (`maps`), keeping the O(1/d) terms that compound over depth
+(the norms' Jensen and projection factors, Euler's theorem for norms before homogeneous
+branches, the cosine bias of the norm forward map); Gaussian logits with exchangeable keys for
+the softmax (`attention`, `softmax`), plus the finite-width term that grows with the number of
+keys n: the covariance of the keys' and values' realized kernels through their shared input
+tokens (`attention.gram_fluctuation`), O(n c), with the realized kernel's fluctuation
+amplitude c carried through the blocks (`fluctuation`: 1/d for iid tokens, growing with
+depth); token collisions enter the kernels in expectation (probability sum_v p_v^2).
 The loss is the mean cross-entropy over N = B n positions with targets iid from the token
 distribution.  At initialization the logit gradient is ``(p_t - e_{y_t}) / N`` and
 ``E[(p_t - e_y_t) . (p_t' - e_y_t')] = E[p_t . p_t'] - 2/V + P(y_t = y_t')`` (``1 - 2/V + E||p||^2``
@@ -15,6 +18,7 @@ on the diagonal), with the softmax moments of `softmax.pair_moments` over the V 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import time
@@ -26,7 +30,7 @@ from normfield.data import collision_prob, sinusoidal_positions
 from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm, Product, Scale,
                                   SelfAttention, Stack, block, stacks)
 from normfield.profile import GradProfile
-from normfield.theory import attention
+from normfield.theory import attention, fluctuation
 from normfield.theory.kernels import Blocks, cosine, pair_sum
 from normfield.theory.maps import (Point, activation_forward, bias_grad_sq, gain_grad_sq,
                                    linear_backward, linear_forward, linear_grad_sq, norm_backward,
@@ -196,7 +200,13 @@ class _Block:
     the norms), ``G_x = beta^2 G_ref + G_path + beta (Y + Y^T)``.  Weight and gain gradients
     use the kernels of their own input and output gradient, so the cross terms reach them
     through those kernels; their maps are unchanged (leading order, gradient independence).
-    A block without a correlated add computes exactly what it did without this tracking."""
+    A block without a correlated add computes exactly what it did without this tracking.
+
+    Every register also carries the fluctuation amplitude c of its realized kernel
+    (`Point.fluct`, rules in `fluctuation`; forward tracks, per register, the share of the
+    block input's fluctuation it inherits), read by the attention maps at their key/value
+    input; and the Norm steps of `_radial_free_norms` use the backward map of a gradient
+    orthogonal to their output."""
 
     def __init__(self, arch: Arch, steps: tuple, masks: dict, method: str, stack: Stack):
         self.arch, self.steps, self.masks, self.method, self.stack = arch, steps, masks, method, stack
@@ -238,6 +248,7 @@ class _Block:
         a = self.arch
         env, saved = {"x": x, "mem": memory}, {}
         cross = {"x": (x.k, x.m)} if self.correlated else {}
+        transfer = {"x": 1.0, "mem": 0.0}
         for i, s in enumerate(self.steps):
             if isinstance(s, Norm):
                 env[s.dst] = norm_forward(env[s.src], a.norm, a.norm_eps)
@@ -252,10 +263,11 @@ class _Block:
                 env[s.dst] = Point(k, k * (1.0 / pa.width), pa.width)
             elif isinstance(s, (SelfAttention, CrossAttention)):
                 (vq, bq), (vk, bk), (vv, bv) = (self._var(f"{s.prefix}.{p}") for p in "qkv")
-                kx_memory = env[s.memory].k if isinstance(s, CrossAttention) else None
+                memory = env[s.memory] if isinstance(s, CrossAttention) else None
                 ko, saved[i] = attention.forward(env[s.src].k, self._attention_mask(s), vq, vk,
                                                  vv, a.d_model, (bq, bk, bv), self.method,
-                                                 self.heads, kx_memory)
+                                                 self.heads, memory and memory.k,
+                                                 (memory or env[s.src]).c)
                 env[s.dst] = Point(ko, ko * (1.0 / a.d_model), a.d_model)
             elif isinstance(s, Scale):
                 p = env[s.src]
@@ -268,9 +280,35 @@ class _Block:
                     xk, xm = cross[s.b if s.a == "x" else s.a]
                     k, m = k + _sym(xk) * (s.alpha * s.beta), m + _sym(xm) * (s.alpha * s.beta)
                 env[s.dst] = Point(k, m, pa.width)
+            fluct, transfer[s.dst] = self._fluct(s, env, transfer)
+            env[s.dst] = dataclasses.replace(env[s.dst], fluct=fluct)
             if s.dst in self.carries:
                 cross[s.dst] = self._cross(s, env, cross)
         return env, saved
+
+    def _fluct(self, s, env: dict, transfer: dict) -> tuple[float, float]:
+        """The realized-kernel fluctuation amplitude of the register `s` writes and the share
+        of the block input's fluctuation it carries (rules in `fluctuation`)."""
+        a = self.arch
+        if isinstance(s, Linear):
+            return fluctuation.linear(env[s.src].c, a.width(s.fan_out)), transfer[s.src]
+        if isinstance(s, Activation):
+            u = env[s.src]
+            c, t = fluctuation.activation(u.c, self.phi, float(np.mean(u.k.diag)),
+                                          fluctuation.mean_cosine(u.k), u.width)
+            return c, t * transfer[s.src]
+        if isinstance(s, Product):
+            pa, pb = env[s.a], env[s.b]
+            return max(pa.c, pb.c), max(transfer[s.a], transfer[s.b])
+        if isinstance(s, (SelfAttention, CrossAttention)):  # the values' input
+            kv = s.memory if isinstance(s, CrossAttention) else s.src
+            return fluctuation.linear(env[kv].c, a.d_model), transfer[kv]
+        if isinstance(s, Add):
+            pa, pb = env[s.a], env[s.b]
+            return fluctuation.add(pa.c, pb.c, transfer[s.a], transfer[s.b], env["x"].c,
+                                   fluctuation.spread(pa.k), fluctuation.spread(pb.k), s.alpha,
+                                   s.beta, pa.width)
+        return env[s.src].c, transfer[s.src]  # Norm, Scale
 
     def backward(self, env: dict, saved: dict, g_out: Blocks):
         """Gradient kernels at the block input and at the memory (None without
