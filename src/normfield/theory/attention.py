@@ -340,6 +340,7 @@ class AttentionState:
     gram_k: Blocks | None = None  # its version for the key weight gradient
     s_k: float = 0.0  # key and value kernels per unit of input kernel
     s_v: float = 0.0
+    coherent: float = 0.0  # relative variance of the input spread's common scale
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,8 @@ def _second_positions(mask: Mask, k: np.ndarray, a: np.ndarray, b: np.ndarray) -
 
 def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0.0, 0.0, 0.0),
             method: str = "analytic", spec: HeadSpec | None = None,
-            kx_memory: Blocks | None = None, fluct: float | None = None):
+            kx_memory: Blocks | None = None, fluct: float | None = None,
+            coherent: float = 0.0):
     """Kernel of the concatenated head outputs, and the state for `backward`.
 
     var_* are the weight variances of W_q, W_k, W_v (fan-in `width`), bias_var their biases'.
@@ -471,7 +473,11 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     ``Cov(s_ij, s_i'j') = K_q(i, i') K_k(j, j')`` with K_q from the queries' stream and K_k from
     the memory, and everything below holds unchanged (W_q and W_k are independent, so the
     cross-kernel between the two streams does not enter at this order).  `fluct`: the amplitude
-    of the key/value input's realized-kernel covariance (`gram_fluctuation`; default 1/width)."""
+    of the key/value input's realized-kernel covariance (`gram_fluctuation`; default 1/width).
+    `coherent`: the relative variance v of the input spread's common scale across draws
+    (`fluctuation.coherent`): the terms quadratic in the token spread (the output's logit
+    fluctuation and realized-Gram terms here, G_q in `backward`, the key weight gradient in
+    the interpreter) are expectations of a squared scale, ``E[S^2] = (1 + v) E[S]^2``."""
     spec = spec or HeadSpec(d_head=width)
     n = kx.w.shape[0]
     kx_kv = kx if kx_memory is None else kx_memory
@@ -517,10 +523,10 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     if spec.qk_norm:
         s_k *= np.mean(kk.diag) / np.mean(raw_k.diag)
     ko = mask.sandwich(kv.a)
-    ko[0] += a_fluct * spread_v
-    ko += kq.a * gram.a * (s_k * s_v)
+    ko[0] += a_fluct * spread_v * (1.0 + coherent)
+    ko += kq.a * gram.a * (s_k * s_v * (1.0 + coherent))
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv, rk, n1, raw_q, raw_k, gram, gram_k,
-                           s_k, s_v)
+                           s_k, s_v, coherent)
     return Blocks.of(ko), state
 
 
@@ -543,7 +549,7 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
         gk = rot.modulated(lambda w: _mean_key_term(mask, w, st.kv.a), wk.a)
     gq[0] += st.rv * st.rk * st.q_fluct
     gq += st.gram.a * (st.s_k * st.s_v)
-    gq *= go.a
+    gq *= go.a * (1.0 + st.coherent)
     gk[0] += _spread_by_set(wk.w * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
     gq, gk, gv = Blocks.of(gq), Blocks.of(gk), Blocks.of(gv)
     if spec.qk_norm:

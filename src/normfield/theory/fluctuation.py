@@ -36,19 +36,40 @@ token-spread part of the kernel, the part the attention maps see):
   ``alpha^2 beta^2 tau (2 pairings)/d`` (`add`).  For a skip and ``b = J a`` with a random J of
   gain tau this adds ``1 - 1/(1 + tau)^2`` per unit of 1/d, the fluctuation of ``|(I + J) a|^2``.
 
-Not counted (named approximations): the gate of a gated FFN (its operands' larger c is
-kept), the coherent seed-to-seed scale of the spread (a rank-one mode, O(1/d) per block but
-without the factor n), and the deterministic part of positional encodings (counted random).
+The coherent mode.  Besides the pairing covariance, a norm divides every token by its
+realized scale; near collapse the tokens' scales fluctuate together, so the whole spread is
+rescaled by one random factor per norm: v, the relative variance of the spread's common scale
+across draws, grows by ``2 c_diag rho^2`` at each norm (`coherent`), with c_diag the pairing
+amplitude of the tokens' squared norms, tracked by the same kind of rules (`diag_activation`,
+`diag_add`; a norm's output has c_diag = 0).  Terms quadratic in the spread then carry a factor
+1 + v (`attention.forward`).  Measured in a 24-layer Post-LN encoder (32 seeds): the relative
+standard deviation of 1 - cosine across seeds grows to 0.45 (d 256) and 0.36 (d 512); this
+rule gives 0.45 and 0.32.
+
+Not counted (named approximations): the gate of a gated FFN (its operands' larger amplitudes
+are kept) and the deterministic part of positional encodings (counted random).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from normfield.theory import gaussian
 from normfield.theory.kernels import Blocks
+
+
+@dataclass(frozen=True)
+class Fluct:
+    """The fluctuation state of a register: c (token spread, pairing amplitude), c_diag (the
+    tokens' squared norms, pairing amplitude) and v (relative variance of the spread's common
+    scale)."""
+
+    c: float
+    c_diag: float
+    v: float
 
 
 def spread(k: Blocks) -> float:
@@ -122,3 +143,71 @@ def add(c_a: float, c_b: float, t_a: float, t_b: float, c_in: float, spread_a: f
     c = (c_in * (a2 * t_a + b2 * tau * t_b) ** 2 + a2 * a2 * f_a + b2 * b2 * tau * tau * f_b
          + 2.0 * a2 * b2 * tau / width) / (norm * norm)
     return c, t
+
+
+@lru_cache(maxsize=256)
+def _norm_moments(name: str, q: float) -> tuple[float, float]:
+    """``(T, kappa)`` of an activation at pre-activation variance q: ``T = d log E[phi^2] /
+    d log q`` (the transfer of a relative fluctuation of q to E[phi^2]; 1 for ReLU) and
+    ``kappa = E[phi^4]/E[phi^2]^2`` (6 for ReLU, 3 for a linear map)."""
+    z, w = gaussian.gauss_hermite()
+    if name == "relu":
+        return 1.0, 6.0
+    f, df = gaussian.SMOOTH[name](np.sqrt(q) * z)
+    m2, m4 = float(w @ (f * f)), float(w @ f ** 4)
+    t = float(w @ (f * df * np.sqrt(q) * z)) / m2   # q d/dq E[phi^2] / E[phi^2]
+    return t, m4 / (m2 * m2)
+
+
+def diag_activation(c_z: float, name: str, q: float, fan: int) -> float:
+    """c_diag after an activation over `fan` units of pre-activation variance q, whose
+    pre-activations have c_diag = c_z (the Linear before it added 1/fan for the same units):
+    the realized mean of phi^2 over the units has relative variance ``(kappa - 1)/fan`` given
+    its input, whose own fluctuation transfers by T."""
+    t, kappa = _norm_moments(name, float(f"{q:.4g}"))
+    return t * t * (c_z - 1.0 / fan) + 0.5 * (kappa - 1.0) / fan
+
+
+def diag_add(c_a: float, c_b: float, k_a: float, k_b: float, alpha: float, beta: float,
+             width: int) -> float:
+    """c_diag of ``alpha a + beta b`` (mean squared norms k_a, k_b): the squared norms add
+    with the realized cross term ``2 alpha beta a . b``, of variance ``4 alpha^2 beta^2 k_a k_b
+    / d``; the operands' own fluctuations are taken independent (in every recipe one operand
+    is a norm output or a branch that starts with a norm, which carries none of the other's)."""
+    a2, b2 = alpha * alpha * k_a, beta * beta * k_b
+    total = a2 + b2
+    if not total > 0.0:
+        return c_a
+    return (a2 * a2 * c_a + b2 * b2 * c_b + 2.0 * a2 * b2 / width) / (total * total)
+
+
+def coherent(v: float, c_diag: float, rho2: float) -> float:
+    """v after a norm: the norm divides every token by its realized scale s_i; the part of the
+    scales' fluctuation common to the tokens (covariance ``2 c_diag rho_ij^2``, mean squared
+    cosine rho2) rescales the whole spread: ``v + 2 c_diag rho2``."""
+    return v + 2.0 * c_diag * rho2
+
+
+def coherent_add(v_a: float, v_b: float, spread_a: float, spread_b: float, alpha: float,
+                 beta: float) -> float:
+    """v of ``alpha a + beta b``: the spread's relative scale fluctuation is the spread-weighted
+    mean of the operands'; the operand with the smaller v is taken as nested in the other
+    (a branch carries its input's fluctuation plus what its own norms add), so
+    ``v = v_lo + w_hi^2 (v_hi - v_lo)`` with w_hi the other operand's share of the spread
+    (Post-LN: no norm inside the branch, v unchanged; Pre-LN: the branch's share, ~1/depth)."""
+    wa, wb = alpha * alpha * spread_a, beta * beta * spread_b
+    if v_b < v_a:
+        v_a, v_b, wa, wb = v_b, v_a, wb, wa
+    total = wa + wb
+    share = wb / total if total > 0.0 else 0.0
+    return v_a + share * share * (v_b - v_a)
+
+
+def mean_squared_cosine(k: Blocks) -> float:
+    """Mean squared cosine of two different tokens of a sequence."""
+    w, d = k.w, k.diag
+    n = len(d)
+    if n < 2:
+        return 0.0
+    cos2 = w * w / np.outer(d, d)
+    return float((cos2.sum() - np.trace(cos2)) / (n * (n - 1)))

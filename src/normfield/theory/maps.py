@@ -41,17 +41,28 @@ from normfield.theory.kernels import Blocks, block_sums, cosine, pair_sum
 
 @dataclass(frozen=True)
 class Point:
-    """Forward state: kernel K, coordinate-mean kernel M, width, and the amplitude of the
-    realized kernel's fluctuation (`fluctuation`; None: iid coordinates, 1/width)."""
+    """Forward state: kernel K, coordinate-mean kernel M, width, and the fluctuation of the
+    realized kernel (`fluctuation.Fluct`; None: iid Gaussian coordinates)."""
 
     k: Blocks
     m: Blocks
     width: int
-    fluct: float | None = None
+    fluct: object = None
 
     @property
     def c(self) -> float:
-        return 1.0 / self.width if self.fluct is None else self.fluct
+        """Pairing amplitude of the token-spread part (`fluctuation`)."""
+        return 1.0 / self.width if self.fluct is None else self.fluct.c
+
+    @property
+    def c_diag(self) -> float:
+        """Pairing amplitude of the tokens' squared norms."""
+        return 1.0 / self.width if self.fluct is None else self.fluct.c_diag
+
+    @property
+    def coherent(self) -> float:
+        """Relative variance of the spread's common scale across draws."""
+        return 0.0 if self.fluct is None else self.fluct.v
 
 
 def linear_forward(x: Point, var_w: float, var_b: float, fan_out: int) -> Point:

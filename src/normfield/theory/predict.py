@@ -267,7 +267,8 @@ class _Block:
                 ko, saved[i] = attention.forward(env[s.src].k, self._attention_mask(s), vq, vk,
                                                  vv, a.d_model, (bq, bk, bv), self.method,
                                                  self.heads, memory and memory.k,
-                                                 (memory or env[s.src]).c)
+                                                 (memory or env[s.src]).c,
+                                                 (memory or env[s.src]).coherent)
                 env[s.dst] = Point(ko, ko * (1.0 / a.d_model), a.d_model)
             elif isinstance(s, Scale):
                 p = env[s.src]
@@ -286,29 +287,46 @@ class _Block:
                 cross[s.dst] = self._cross(s, env, cross)
         return env, saved
 
-    def _fluct(self, s, env: dict, transfer: dict) -> tuple[float, float]:
-        """The realized-kernel fluctuation amplitude of the register `s` writes and the share
-        of the block input's fluctuation it carries (rules in `fluctuation`)."""
-        a = self.arch
+    def _fluct(self, s, env: dict, transfer: dict) -> tuple[fluctuation.Fluct, float]:
+        """The fluctuation state of the register `s` writes and the share of the block input's
+        spread fluctuation it carries (rules in `fluctuation`)."""
+        a, F = self.arch, fluctuation.Fluct
+        if isinstance(s, Norm):
+            u = env[s.src]
+            return F(u.c, 0.0, fluctuation.coherent(u.coherent, u.c_diag,
+                                                    fluctuation.mean_squared_cosine(u.k))), \
+                transfer[s.src]
         if isinstance(s, Linear):
-            return fluctuation.linear(env[s.src].c, a.width(s.fan_out)), transfer[s.src]
+            u, fan = env[s.src], a.width(s.fan_out)
+            return F(fluctuation.linear(u.c, fan), fluctuation.linear(u.c_diag, fan),
+                     u.coherent), transfer[s.src]
         if isinstance(s, Activation):
             u = env[s.src]
-            c, t = fluctuation.activation(u.c, self.phi, float(np.mean(u.k.diag)),
-                                          fluctuation.mean_cosine(u.k), u.width)
-            return c, t * transfer[s.src]
+            q = float(np.mean(u.k.diag))
+            c, t = fluctuation.activation(u.c, self.phi, q, fluctuation.mean_cosine(u.k),
+                                          u.width)
+            return F(c, fluctuation.diag_activation(u.c_diag, self.phi, q, u.width),
+                     u.coherent), t * transfer[s.src]
         if isinstance(s, Product):
             pa, pb = env[s.a], env[s.b]
-            return max(pa.c, pb.c), max(transfer[s.a], transfer[s.b])
+            return F(max(pa.c, pb.c), max(pa.c_diag, pb.c_diag), max(pa.coherent, pb.coherent)), \
+                max(transfer[s.a], transfer[s.b])
         if isinstance(s, (SelfAttention, CrossAttention)):  # the values' input
             kv = s.memory if isinstance(s, CrossAttention) else s.src
-            return fluctuation.linear(env[kv].c, a.d_model), transfer[kv]
+            u = env[kv]
+            return F(fluctuation.linear(u.c, a.d_model), fluctuation.linear(u.c_diag, a.d_model),
+                     u.coherent), transfer[kv]
         if isinstance(s, Add):
             pa, pb = env[s.a], env[s.b]
-            return fluctuation.add(pa.c, pb.c, transfer[s.a], transfer[s.b], env["x"].c,
-                                   fluctuation.spread(pa.k), fluctuation.spread(pb.k), s.alpha,
-                                   s.beta, pa.width)
-        return env[s.src].c, transfer[s.src]  # Norm, Scale
+            sa, sb = fluctuation.spread(pa.k), fluctuation.spread(pb.k)
+            c, t = fluctuation.add(pa.c, pb.c, transfer[s.a], transfer[s.b], env["x"].c, sa, sb,
+                                   s.alpha, s.beta, pa.width)
+            c_diag = fluctuation.diag_add(pa.c_diag, pb.c_diag, float(np.mean(pa.k.diag)),
+                                          float(np.mean(pb.k.diag)), s.alpha, s.beta, pa.width)
+            v = fluctuation.coherent_add(pa.coherent, pb.coherent, sa, sb, s.alpha, s.beta)
+            return F(c, c_diag, v), t
+        u = env[s.src]  # Scale
+        return u.fluct or F(u.c, u.c_diag, u.coherent), transfer[s.src]
 
     def backward(self, env: dict, saved: dict, g_out: Blocks):
         """Gradient kernels at the block input and at the memory (None without
@@ -353,6 +371,8 @@ class _Block:
                     var_w, _ = self._var(name)
                     push(src, linear_backward(gp, var_w, d))
                     grads[name] = linear_grad_sq(env[src], gp, d, b) + env[src].width * d * ex
+                    if p == "k":  # quadratic in the token spread, as G_q (`attention.forward`)
+                        grads[name] *= 1.0 + saved[i].coherent
                     if a.bias:
                         grads[f"{name}.bias"] = bias_grad_sq(gp, d, b)
             elif isinstance(s, Scale):
