@@ -41,8 +41,9 @@ realized scale; near collapse the tokens' scales fluctuate together, so the whol
 rescaled by one random factor per norm: v, the relative variance of the spread's common scale
 across draws, grows by ``2 c_diag rho^2`` at each norm (`coherent`), with c_diag the pairing
 amplitude of the tokens' squared norms, tracked by the same kind of rules (`diag_activation`,
-`diag_add`; a norm's output has c_diag = 0).  Terms quadratic in the spread then carry a factor
-1 + v (`attention.forward`).  Measured in a 24-layer Post-LN encoder (32 seeds): the relative
+`diag_add`; a norm's output has c_diag = 0); an add takes the spread-weighted mean of its
+operands' v (`coherent_add`).  Terms quadratic in the spread then carry a factor 1 + v
+(`attention.forward`).  Measured in a 24-layer Post-LN encoder (32 seeds): the relative
 standard deviation of 1 - cosine across seeds grows to 0.45 (d 256) and 0.36 (d 512); this
 rule gives 0.45 and 0.32.
 

@@ -32,11 +32,15 @@ tokens an O(1) coordinate mean that LayerNorm removes).  Backward state: the gra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from normfield.theory import gaussian
 from normfield.theory.kernels import Blocks, block_sums, cosine, pair_sum
+
+if TYPE_CHECKING:
+    from normfield.theory.fluctuation import Fluct
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class Point:
     k: Blocks
     m: Blocks
     width: int
-    fluct: object = None
+    fluct: Fluct | None = None
 
     @property
     def c(self) -> float:
