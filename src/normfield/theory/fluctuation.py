@@ -77,17 +77,31 @@ def spread(k: Blocks) -> float:
     """``sum_i K(i, i) - sum_ij K(i, j) / n`` of the within-sequence block: n times the mean
     squared distance of a token from the sequence's mean token, per coordinate."""
     w = k.w
-    return float(np.trace(w) - w.sum() / w.shape[0])
+    return float(w.trace() - w.sum() / w.shape[0])
+
+
+def _cosine_moment(k: Blocks, power: int) -> float:
+    """Mean of the cosine (power 1) or squared cosine (power 2) of two different tokens of a
+    sequence."""
+    d = k.diag
+    n = len(d)
+    if n < 2:
+        return 0.0
+    inv = 1.0 / np.sqrt(d)
+    cos = k.w * inv[:, None] * inv[None, :]
+    if power == 2:
+        cos = cos * cos
+    return float((cos.sum() - cos.trace()) / (n * (n - 1)))
 
 
 def mean_cosine(k: Blocks) -> float:
     """Mean cosine of two different tokens of a sequence."""
-    w, d = k.w, k.diag
-    n = len(d)
-    if n < 2:
-        return 0.0
-    cos = w / np.sqrt(np.outer(d, d))
-    return float((cos.sum() - np.trace(cos)) / (n * (n - 1)))
+    return _cosine_moment(k, 1)
+
+
+def mean_squared_cosine(k: Blocks) -> float:
+    """Mean squared cosine of two different tokens of a sequence."""
+    return _cosine_moment(k, 2)
 
 
 def linear(c: float, fan_out: int) -> float:
@@ -204,11 +218,3 @@ def coherent_add(v_a: float, v_b: float, spread_a: float, spread_b: float, alpha
     return v_a + share * share * (v_b - v_a)
 
 
-def mean_squared_cosine(k: Blocks) -> float:
-    """Mean squared cosine of two different tokens of a sequence."""
-    w, d = k.w, k.diag
-    n = len(d)
-    if n < 2:
-        return 0.0
-    cos2 = w * w / np.outer(d, d)
-    return float((cos2.sum() - np.trace(cos2)) / (n * (n - 1)))

@@ -18,7 +18,6 @@ on the diagonal), with the softmax moments of `softmax.pair_moments` over the V 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import time
@@ -282,7 +281,8 @@ class _Block:
                     k, m = k + _sym(xk) * (s.alpha * s.beta), m + _sym(xm) * (s.alpha * s.beta)
                 env[s.dst] = Point(k, m, pa.width)
             fluct, transfer[s.dst] = self._fluct(s, env, transfer)
-            env[s.dst] = dataclasses.replace(env[s.dst], fluct=fluct)
+            p = env[s.dst]
+            env[s.dst] = Point(p.k, p.m, p.width, fluct)
             if s.dst in self.carries:
                 cross[s.dst] = self._cross(s, env, cross)
         return env, saved
