@@ -69,10 +69,10 @@ def test_realized_gram_term_of_attention_vs_mc():
     ko, st = attention.forward(Blocks(k, k), mask, var, var, var, D, spec=spec)
     go = Blocks(g, g)
     gq, gk, gv = attention.backward(go, mask, st, spec)
-    extra_k, extra_v = attention.weight_gradient_fluctuation(go, st, 1)
+    terms = attention.weight_gradient_terms(go, st, 1)
     kx = Blocks(k, k)
-    theory = np.array([_spread(ko.w)] + [D * D * (pair_sum(kx, gp, 1) + ex)
-                                          for gp, ex in ((gq, 0.0), (gk, extra_k), (gv, extra_v))])
+    theory = np.array([_spread(ko.w)] + [D * D * factor * (pair_sum(kx, gp, 1) + ex)
+                                          for gp, (factor, ex) in zip((gq, gk, gv), terms)])
     term = st.gram * (st.s_k * st.s_v)
     without = np.array([_spread(ko.w - (st.kq * term).w),
                         D * D * pair_sum(kx, gq + go * term * -1.0, 1),

@@ -16,8 +16,8 @@ from scipy.special import erf, expit
 
 from normfield.theory import attention, gaussian
 from normfield.theory.kernels import Blocks
-from normfield.theory.maps import (Point, linear_backward, linear_forward, linear_grad_sq,
-                                   norm_backward, norm_forward)
+from normfield.theory.maps import (Point, _expected_cosine, linear_backward, linear_forward,
+                                   linear_grad_sq, norm_backward, norm_forward)
 
 Z = 5.0  # standard errors allowed
 
@@ -206,6 +206,18 @@ def test_norm_forward_cosine_bias_vs_mc(kind, with_means):
     ratio = c / np.sqrt(np.outer(np.diag(c) + eps, np.diag(c) + eps))
     off = ~np.eye(n, dtype=bool)
     assert np.max(np.abs(mean - ratio)[off] / se[off]) > Z
+
+
+def test_expected_cosine_centred_path_is_the_general_formula():
+    """The fused centred branch of `maps._expected_cosine` (LayerNorm) is the general delta-method
+    formula with a zero coordinate-mean kernel, for any eps."""
+    rng = np.random.default_rng(23)
+    a = _random_kernel(rng, 5)
+    s = np.stack([a, 0.4 * a])
+    for eps in (0.0, 1e-5, 0.3):
+        np.testing.assert_allclose(_expected_cosine(s, None, 63.0, eps),
+                                   _expected_cosine(s, np.zeros_like(s), 63.0, eps),
+                                   rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])

@@ -25,7 +25,7 @@ of the shorter one, n1 = min(n_i, n_i') of them.  Then, by exchangeability and t
 Forward:   K_o = Abar K_v Abar^T + a * D_v,   D_v(i, i') = tr K_v|S1 - 1^T K_v|S1 1 / n1,
 plus the finite-width term of `gram_fluctuation` (keys and values share their input tokens, so
 their realized kernels covary; O(n/d), the leading correction; also in G_q and in the key and
-value weight gradients, `weight_gradient_fluctuation`).
+value weight gradients, `weight_gradient_terms`).
 Backward (values):  G_v = Abar^T G_o Abar + sum_ii' a G_o (delta - 1/n1) on S1 x S1.
 Backward (queries, keys): with ``g_s_ij = A_ij g_o_i . (v_j - o_i)`` the logit gradient,
     G_q(i, i') = G_o(i, i') [M_q(i, i') + r_v r_k (Q - Q0)],
@@ -401,8 +401,8 @@ def gram_fluctuation(mask: Mask, kx: Blocks, fluct: float, rot: Rotary | None = 
     same object twice without RoPE.
 
     `fluct`: the amplitude of that covariance, ``1/d`` for iid coordinates; deep in a network
-    the realized kernel fluctuates more (`predict._Fluctuations`, ``1/d_eff``), and every 1/d
-    above reads `fluct`.
+    the realized kernel fluctuates more (`fluctuation`, carried through the blocks by the
+    interpreter), and every 1/d above reads `fluct`.
 
     Approximations: the input's coordinates are treated as Gaussian and random, so the
     deterministic part of sinusoidal positions (a third of the embedding kernel) is counted
@@ -559,15 +559,21 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     return gq, gk, gv
 
 
-def weight_gradient_fluctuation(go: Blocks, st: AttentionState, batch_size: int) -> tuple:
-    """Extra ``sum_ij K_x(i, j) G(i, j)`` of the key and value projections from the realized
-    input kernel, which multiplies their gradient kernels (``E||dL/dW||^2 = fan_in fan_out
-    sum K_x G``) and is shared by the values inside G_k and by the keys inside the attention
-    fluctuation of G_v (`gram_fluctuation`): ``s_v sum W C`` and ``s_k sum W C`` with
-    ``W = G_o K_q``, to first order in the logit variance.  (The query projection's term is
-    in G_q itself.)  Returns (extra_k, extra_v); with QK-Norm extra_k is per raw key unit."""
+def weight_gradient_terms(go: Blocks, st: AttentionState, batch_size: int) -> tuple:
+    """Per projection (q, k, v), ``(factor, extra)`` with ``E||dL/dW||^2 = factor (fan_in
+    fan_out sum K_x G + fan_in fan_out extra)``, G the projection's gradient kernel of
+    `backward`.
+
+    extra: the additional ``sum_ij K_x(i, j) G(i, j)`` of the key and value projections from
+    the realized input kernel, which multiplies their gradient kernels and is shared by the
+    values inside G_k and by the keys inside the attention fluctuation of G_v
+    (`gram_fluctuation`): ``s_v sum W C`` and ``s_k sum W C`` with ``W = G_o K_q``, to first
+    order in the logit variance (the query projection's term is in G_q itself); with QK-Norm
+    extra_k is per raw key unit.  factor: ``1 + v`` for the key projection, whose weight
+    gradient is quadratic in the token spread (G_k linear, times the spread of K_x) while G_k
+    alone is not (G_q carries the factor itself, `backward`); 1 otherwise."""
     w = go * st.kq
     extra_k = st.s_v * pair_sum(w, st.gram_k, batch_size)
     if st.raw_k is not None:
         extra_k *= np.mean(st.kk.diag) / np.mean(st.raw_k.diag)
-    return extra_k, st.s_k * pair_sum(w, st.gram, batch_size)
+    return (1.0, 0.0), (1.0 + st.coherent, extra_k), (1.0, st.s_k * pair_sum(w, st.gram, batch_size))

@@ -59,7 +59,7 @@ from functools import lru_cache
 import numpy as np
 
 from normfield.theory import gaussian
-from normfield.theory.kernels import Blocks
+from normfield.theory.kernels import Blocks, cosine
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,10 @@ def spread(k: Blocks) -> float:
 def _cosine_moment(k: Blocks, power: int) -> float:
     """Mean of the cosine (power 1) or squared cosine (power 2) of two different tokens of a
     sequence."""
-    d = k.diag
-    n = len(d)
+    n = k.w.shape[0]
     if n < 2:
         return 0.0
-    inv = 1.0 / np.sqrt(d)
-    cos = k.w * inv[:, None] * inv[None, :]
-    if power == 2:
-        cos = cos * cos
+    cos = cosine(k).w ** power
     return float((cos.sum() - cos.trace()) / (n * (n - 1)))
 
 
@@ -105,6 +101,7 @@ def mean_squared_cosine(k: Blocks) -> float:
 
 
 def linear(c: float, fan_out: int) -> float:
+    """After a Linear with fresh weights and fan-out `fan_out` (a Wishart given its input)."""
     return c + 1.0 / fan_out
 
 
@@ -216,5 +213,3 @@ def coherent_add(v_a: float, v_b: float, spread_a: float, spread_b: float, alpha
     total = wa + wb
     share = wb / total if total > 0.0 else 0.0
     return v_a + share * share * (v_b - v_a)
-
-

@@ -106,6 +106,12 @@ def pair_expectations(name: str, q1, q2, c):
     return _quadrature(name, q1, q2, rho)
 
 
+def homogeneous(name: str) -> bool:
+    """Whether phi is positively homogeneous of degree 1, ``phi(a z) = a phi(z)`` for a > 0
+    (ReLU), so that ``phi'(z) z = phi(z)`` (Euler)."""
+    return name == "relu"
+
+
 def mean(name: str, q):
     """E[phi(u)] for u ~ N(0, q)."""
     q = np.asarray(q, float)

@@ -29,7 +29,7 @@ from normfield.data import collision_prob, sinusoidal_positions
 from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm, Product, Scale,
                                   SelfAttention, Stack, block, stacks)
 from normfield.profile import GradProfile
-from normfield.theory import attention, fluctuation
+from normfield.theory import attention, fluctuation, gaussian
 from normfield.theory.kernels import Blocks, cosine, pair_sum
 from normfield.theory.maps import (Point, activation_forward, bias_grad_sq, gain_grad_sq,
                                    linear_backward, linear_forward, linear_grad_sq, norm_backward,
@@ -113,8 +113,8 @@ def _radial_free_norms(steps: tuple, homogeneous: bool, biased: frozenset) -> fr
     A register is clean when it is computed from y by such steps alone; a clean register used
     in any other way (attention, a gate, a smooth activation, a biased Linear, an Add with a
     register not computed from y alone, or the block output, whose uses lie outside the
-    block) breaks the property.  `homogeneous`: the block's activation is ReLU; `biased`: the
-    names of Linears with random biases."""
+    block) breaks the property.  `homogeneous`: the block's activation is positively
+    homogeneous (`gaussian.homogeneous`); `biased`: the names of Linears with random biases."""
     found = []
     for i, s in enumerate(steps):
         if not isinstance(s, Norm):
@@ -215,7 +215,7 @@ class _Block:
         self._vars = _stack_vars(arch, stack)
         self.carries, self.correlated = _correlated_adds(steps)
         biased = frozenset(s.name for s in steps if isinstance(s, Linear) and self._var(s.name)[1])
-        self.radial_free = _radial_free_norms(steps, self.phi == "relu", biased)
+        self.radial_free = _radial_free_norms(steps, gaussian.homogeneous(self.phi), biased)
 
     def _var(self, name: str) -> tuple[float, float]:
         """(weight variance, bias variance) of a parameter, resolved once per stack (the
@@ -364,15 +364,14 @@ class _Block:
                 kv_src = s.memory if isinstance(s, CrossAttention) else s.src
                 d = a.d_model
                 g_qkv = attention.backward(g, self._attention_mask(s), saved[i], self.heads)
-                extra = (0.0, *attention.weight_gradient_fluctuation(g, saved[i], b))
-                for p, gp, ex in zip("qkv", g_qkv, extra):
+                terms = attention.weight_gradient_terms(g, saved[i], b)
+                for p, gp, (factor, ex) in zip("qkv", g_qkv, terms):
                     src = s.src if p == "q" else kv_src
                     name = f"{s.prefix}.{p}"
                     var_w, _ = self._var(name)
                     push(src, linear_backward(gp, var_w, d))
-                    grads[name] = linear_grad_sq(env[src], gp, d, b) + env[src].width * d * ex
-                    if p == "k":  # quadratic in the token spread, as G_q (`attention.forward`)
-                        grads[name] *= 1.0 + saved[i].coherent
+                    grads[name] = factor * (linear_grad_sq(env[src], gp, d, b)
+                                            + env[src].width * d * ex)
                     if a.bias:
                         grads[f"{name}.bias"] = bias_grad_sq(gp, d, b)
             elif isinstance(s, Scale):
