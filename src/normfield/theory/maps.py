@@ -14,13 +14,15 @@ tokens an O(1) coordinate mean that LayerNorm removes).  Backward state: the gra
 * Product (gate) of independent a, b: ``K = K_a K_b``, ``G_a = K_b G``, ``G_b = K_a G``.
 * Norm (LayerNorm: centre, then divide by the RMS; RMSNorm: divide by the RMS), gain 1:
   ``K_y(i,j) = C(i,j) / (s_i s_j)`` with ``C = K - M`` (LayerNorm) or ``K`` (RMSNorm) and
-  ``s_i^2 = C(i,i) + eps``.  Backward: the Jacobian is ``(1/s)(I - e e^T - u u^T)`` (Xiong et al.
+  ``s_i^2 = C(i,i) + eps``, times the O(1/d) bias of a realized cosine (`_expected_cosine`,
+  ``1 - (1 - rho^2)/(2 dof)`` when centred).  Backward: the Jacobian is ``(1/s)(I - e e^T - u u^T)`` (Xiong et al.
   2020, Lemma 3; u the output direction, e = 1/sqrt(d) only for LayerNorm); for an isotropic
   gradient ``E[(P_i g_i).(P_j g_j)] = G(i,j) tr(P_i P_j)`` with ``tr = d - p - 1 + rho_ij^2``
   (i != j) or ``d - p`` (i = j), p the number of projected directions; so
   ``G_x(i,j) = G_y(i,j) E[1/(s_i s_j)] tr(P_i P_j) / d`` with the Jensen factor of the random
   per-token scales (see `norm_backward`) -- both O(1/d) factors are kept (they compound over
-  depth).  Gain gradient: ``E||dL/dgain||^2 = d sum_ij K_y(i,j) G_y(i,j)``.
+  depth); a gradient exactly orthogonal to the output (Euler's theorem, `norm_backward`'s
+  `radial`) has ``tr = d - p + 1``.  Gain gradient: ``E||dL/dgain||^2 = d sum_ij K_y(i,j) G_y(i,j)``.
 * Scale by c: K, M and G scale by c^2.
 * Add ``alpha a + beta b``: kernels add with weights alpha^2, beta^2 (cross terms vanish because
   each branch ends in a zero-mean random weight); backward ``G_a += alpha^2 G``, ``G_b += beta^2 G``.
