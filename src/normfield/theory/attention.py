@@ -24,8 +24,10 @@ of the shorter one, n1 = min(n_i, n_i') of them.  Then, by exchangeability and t
 
 Forward:   K_o = Abar K_v Abar^T + a * D_v,   D_v(i, i') = tr K_v|S1 - 1^T K_v|S1 1 / n1,
 plus the finite-width term of `gram_fluctuation` (keys and values share their input tokens, so
-their realized kernels covary; O(n/d), the leading correction; also in G_q and in the key and
-value weight gradients, `weight_gradient_terms`).
+their realized kernels covary; O(n c) with c the input's fluctuation amplitude, 1/d for iid
+tokens and larger deep in a network; also in G_q and in the key and value weight gradients,
+`weight_gradient_terms`), and the factor 1 + v of the spread's coherent scale on the terms
+quadratic in the token spread (`forward`).
 Backward (values):  G_v = Abar^T G_o Abar + sum_ii' a G_o (delta - 1/n1) on S1 x S1.
 Backward (queries, keys): with ``g_s_ij = A_ij g_o_i . (v_j - o_i)`` the logit gradient,
     G_q(i, i') = G_o(i, i') [M_q(i, i') + r_v r_k (Q - Q0)],
