@@ -21,6 +21,7 @@ import pytest
 from normfield.arch import Arch, Init
 from normfield.probe import measure
 from normfield.probe.measure import NonFiniteGradientError, measure_grad_norms, one_seed
+from normfield.profile import GradProfile, pool_seed_blocks
 from normfield.probe.model import init_params, loss_fn
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -257,3 +258,32 @@ def test_sharded_seed_axis_equals_single_device():
         _sq_close(name, np.asarray(first[name]), ref.per_seed_sq[name], ref.per_seed_sq)
         _sq_close(name, np.asarray(again[name]), ref.per_seed_sq[name], ref.per_seed_sq)
     assert any(not np.allclose(other[n], first[n]) for n in first)  # a different Arch
+
+
+def test_pooled_seed_blocks_are_one_measurement_over_all_seeds():
+    """Two independent blocks (keys 3 and 4) pooled: the norms and delta-method standard errors
+    of the concatenated per-seed squared norms (recomputed here in plain numpy), the stream
+    statistics as seed-weighted means; bad block lists are refused by name."""
+    a, b = measured(KEY), measured(KEY + 1)
+    pooled = pool_seed_blocks([a, b])
+    assert pooled.meta["seeds"] == 2 * SEEDS and pooled.meta["key"] == [KEY, KEY + 1]
+    for name in a.grads:
+        sq = np.concatenate([a.per_seed_sq[name], b.per_seed_sq[name]])
+        mean = sq.mean(axis=0)
+        np.testing.assert_allclose(pooled.grads[name], np.sqrt(mean), rtol=1e-12)
+        se = sq.std(axis=0, ddof=1) / np.sqrt(2 * SEEDS) / (2 * np.sqrt(mean))
+        np.testing.assert_allclose(pooled.stderr[name], se, rtol=1e-12)
+    for key in a.activations:
+        np.testing.assert_allclose(pooled.activations[key],
+                                   (a.activations[key] + b.activations[key]) / 2, rtol=1e-12)
+        np.testing.assert_allclose(
+            pooled.activations_stderr[key],
+            np.hypot(a.activations_stderr[key], b.activations_stderr[key]) / 2, rtol=1e-12)
+    assert pool_seed_blocks([a]) is a
+    with pytest.raises(ValueError, match="keys="):
+        pool_seed_blocks([a, a])
+    other = GradProfile.from_dict(dict(b.to_dict(), arch=Arch(**{**ARCH_KW, "depth": 2}).to_dict()))
+    with pytest.raises(ValueError, match="arch="):
+        pool_seed_blocks([a, other])
+    with pytest.raises(ValueError, match="blocks=\\[\\]"):
+        pool_seed_blocks([])

@@ -14,11 +14,14 @@ def _fake_measure(scale):
 
     def sweep(archs, seeds, key, chunk):
         for arch in archs:
-            calls.append(arch)
+            calls.append((arch, key))
             prof = predict(arch)
             prof.source = "probe"
             prof.grads = {k: v * scale for k, v in prof.grads.items()}
             prof.stderr = {k: 0.01 * v for k, v in prof.grads.items()}
+            # every seed measures the scaled theory exactly
+            prof.per_seed_sq = {k: np.tile(v ** 2, (seeds, 1)) for k, v in prof.grads.items()}
+            prof.meta = {"seeds": seeds, "key": key, "precision": "float32"}
             yield prof
 
     return sweep, calls
@@ -74,7 +77,7 @@ def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
     monkeypatch.setitem(validate.GRIDS, "quick", validate.QUICK_GRID)
     for i in range(3):
         validate.main(grid="quick", out=str(tmp_path), shard=f"{i}/3")
-    assert len(calls) == 4 == len({validate.config_name(a) for a in calls})
+    assert len(calls) == 4 == len({validate.config_name(a) for a, _ in calls})
     validate.main(grid="quick", out=str(tmp_path), merge=True)
     assert len(calls) == 4  # merging measures nothing
     for bad in ("3/3", "x", "1/0"):
@@ -113,3 +116,43 @@ def test_encoder_decoder_stream_rows_carry_the_stack_prefix():
     prof.stderr = {k: 0.0 * v for k, v in prof.grads.items()}
     names = {r["param"] for r in validate.compare(prof, prof)}
     assert {"enc.stream.sq_norm", "dec.stream.1-cos_within", "dec.cross_attn.k"} <= names
+
+
+def test_seed_blocks_are_added_not_remeasured(tmp_path, monkeypatch):
+    measure, calls = _fake_measure(1.0)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
+    arch = Arch(placement="pre", **TINY)
+    validate.run_grid([arch], seeds=32, out=str(tmp_path))
+    assert [k for _, k in calls] == [0]
+    rows = validate.run_grid([arch], seeds=96, out=str(tmp_path))  # adds keys 1 and 2 only
+    assert [k for _, k in calls] == [0, 1, 2]
+    assert {r["seeds"] for r in rows} == {96}
+    assert validate.seed_blocks(96) == [(32, 0), (32, 1), (32, 2)]
+    assert validate.seed_blocks(5) == [(5, 0)]
+    for bad in (0, 40, 2.0, True):
+        with pytest.raises(ValueError, match="seeds="):
+            validate.seed_blocks(bad)
+
+
+def test_beyond_noise_removes_the_measurement_variance():
+    rows = [{"rel_err": e, "rel_se": 0.03} for e in (0.05, -0.05)]
+    assert validate.beyond_noise(rows) == pytest.approx(0.04)  # sqrt(0.05^2 - 0.03^2)
+    rows = [{"rel_err": e, "rel_se": 0.03} for e in (0.01, -0.02)]
+    assert validate.beyond_noise(rows) == 0.0  # all within the noise
+
+
+def test_beyond_noise_is_unbiased_on_simulated_measurements():
+    """Errors drawn as bias + noise with known standard errors, strongly correlated within a
+    configuration (one shared draw per configuration, as the seeds' shared backward pass
+    makes them): the estimate recovers the RMS bias.  4000 configurations of 20 rows: the
+    estimate's scatter is 0.06% (30 simulations), the tolerance 0.3%; without the noise
+    subtracted it would read sqrt(1.82^2 + 4^2) = 4.4%."""
+    rng = np.random.default_rng(0)
+    bias = np.linspace(-0.03, 0.03, 20)  # RMS 1.82%
+    se = np.full(20, 0.04)
+    shared = rng.normal(size=(4000, 1))
+    own = rng.normal(size=(4000, 20))
+    err = bias + se * (0.9 * shared + np.sqrt(1 - 0.81) * own)
+    rows = [{"rel_err": e, "rel_se": s} for e, s in zip(err.ravel(), np.tile(se, 4000))]
+    assert validate.beyond_noise(rows) == pytest.approx(np.sqrt(np.mean(bias ** 2)), abs=0.003)
+    assert np.median(np.abs(err)) > 0.025  # the median |error| is mostly noise

@@ -58,6 +58,21 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def seed_moments(per_seed_sq: dict) -> tuple[dict, dict]:
+    """``sqrt(mean over seeds)`` of per-seed squared norms ((seeds, layers) arrays) and its
+    standard error by the delta method, ``se(mean) / (2 sqrt(mean))``, per parameter (NaN
+    standard errors from a single seed)."""
+    grads, stderr = {}, {}
+    for name, sq in per_seed_sq.items():
+        seeds = sq.shape[0]
+        mean = sq.mean(axis=0)
+        se_mean = (sq.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1
+                   else np.full_like(mean, np.nan))
+        grads[name] = np.sqrt(mean)
+        stderr[name] = se_mean / (2.0 * np.sqrt(np.maximum(mean, 1e-300)))
+    return grads, stderr
+
+
 @dataclass
 class GradProfile:
     arch: Arch
@@ -125,3 +140,47 @@ class GradProfile:
     def load(cls, path: str) -> "GradProfile":
         with open(path) as fh:
             return cls.from_dict(json.load(fh))
+
+
+def pool_seed_blocks(blocks: list[GradProfile]) -> GradProfile:
+    """One measurement over all the seeds of independent seed blocks of one configuration
+    (probe profiles of the same arch and precision, measured with distinct keys): the per-seed
+    squared norms are concatenated, so the norms and standard errors are those of a single
+    measurement over every seed.  Stream statistics (kept as per-block means) are pooled as
+    the seed-weighted mean of the block means, with standard error
+    ``sqrt(sum_b (s_b se_b)^2) / sum_b s_b``.  A single block is returned as it is.
+    ValueError for an empty list, a block without per-seed norms, mixed archs or precisions,
+    or a repeated key."""
+    if not blocks:
+        raise ValueError("invalid blocks=[]: expected at least one probe profile")
+    first = blocks[0]
+    if len(blocks) == 1:
+        return first
+    for p in blocks:
+        if p.source != "probe" or p.per_seed_sq is None:
+            raise ValueError(f"invalid block source={p.source!r}: expected probe profiles with "
+                             "per-seed squared norms")
+        if p.arch != first.arch:
+            raise ValueError(f"invalid block arch={p.arch!r}: expected every block to measure "
+                             f"{first.arch!r}")
+        if p.meta.get("precision") != first.meta.get("precision"):
+            raise ValueError(f"invalid block precision={p.meta.get('precision')!r}: expected "
+                             f"{first.meta.get('precision')!r} like the first block")
+    keys = [p.meta.get("key") for p in blocks]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"invalid block keys={keys!r}: expected distinct keys (independent "
+                         "seed blocks)")
+    per_seed = {n: np.concatenate([p.per_seed_sq[n] for p in blocks]) for n in first.per_seed_sq}
+    grads, stderr = seed_moments(per_seed)
+    counts = np.array([p.meta["seeds"] for p in blocks], float)
+    total = counts.sum()
+    acts = {k: sum(c * p.activations[k] for c, p in zip(counts, blocks)) / total
+            for k in first.activations}
+    acts_se = {k: np.sqrt(sum((c * p.activations_stderr[k]) ** 2
+                              for c, p in zip(counts, blocks))) / total
+               for k in (first.activations_stderr or {})}
+    meta = {**first.meta, "seeds": int(total), "key": keys,
+            "seconds": sum(p.meta.get("seconds", 0.0) for p in blocks)}
+    return GradProfile(arch=first.arch, source="probe", grads=grads, stderr=stderr,
+                       per_seed_sq=per_seed, activations=acts, activations_stderr=acts_se,
+                       meta=meta)

@@ -4,11 +4,15 @@ For every configuration the probe measures ``sqrt(mean_seeds ||dL/dW||^2)`` with
 error and the theory predicts the same number; the relative error ``theory / measured - 1`` is
 tabulated per parameter and layer.  The summary prints, per placement / mask / parameter, the
 median, 95th-percentile and worst |relative error| next to the median measurement standard
-error (so that an error can be told from noise), and the median error per d_model (the theory
-is leading order in 1/width: its error should shrink as width grows).
+error, and the RMS error beyond the measurement noise (`beyond_noise`), the estimate of the
+theory's own error once the theory is good enough for the median |error| to be mostly noise;
+and both per d_model (the theory is leading order in 1/width: its error should shrink as
+width grows).
 
-Measurements are saved per configuration as soon as they exist (atomic JSON, resumable) under
-``out/``; the theory is recomputed on every run (it is cheap, and a cached prediction would go
+Measurements are made of independent seed blocks (`seed_blocks`: 32 seeds, keys 0, 1, ...),
+each saved as soon as it exists (atomic JSON, resumable) under ``out/`` and pooled
+(`profile.pool_seed_blocks`), so that raising a grid's seed count measures only the new
+blocks; the theory is recomputed on every run (it is cheap, and a cached prediction would go
 stale when the theory changes); the rows go to ``out/errors.csv``.
 """
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from normfield.arch import Arch, group_of
 from normfield.probe.measure import measure_sweep
-from normfield.profile import GradProfile, atomic_write_text
+from normfield.profile import GradProfile, atomic_write_text, pool_seed_blocks
 from normfield.progress import progress
 from normfield.theory.predict import predict
 
@@ -148,25 +152,51 @@ def compare(theory: GradProfile, measured: GradProfile) -> list[dict]:
     return rows
 
 
-def run_grid(archs: list[Arch], seeds: int, out: str, key: int = 0,
-             cached_only: bool = False) -> list[dict]:
-    """Measure (or load) every configuration and compare it with the theory.  Configurations
-    not measured yet go through `measure_sweep` (one per local device at a time), each saved
-    as soon as it is fetched; with `cached_only` they are skipped (merging the shards of a job
-    array)."""
+SEED_BLOCK = 32
+
+
+def seed_blocks(seeds: int) -> list[tuple[int, int]]:
+    """(seeds, key) of the independent blocks a measurement of `seeds` seeds is made of: one
+    block up to SEED_BLOCK seeds, else SEED_BLOCK-seed blocks with keys 0, 1, 2, ... (so that
+    raising a grid's seed count adds blocks and keeps the measured ones)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1 or (
+            seeds > SEED_BLOCK and seeds % SEED_BLOCK):
+        raise ValueError(f"invalid seeds={seeds!r}: expected an integer from 1 to {SEED_BLOCK} "
+                         f"or a multiple of {SEED_BLOCK}")
+    if seeds <= SEED_BLOCK:
+        return [(seeds, 0)]
+    return [(SEED_BLOCK, k) for k in range(seeds // SEED_BLOCK)]
+
+
+def block_path(out: str, arch: Arch, seeds: int, key: int) -> str:
+    return os.path.join(out, f"{config_name(arch)}-s{seeds}-k{key}.json")
+
+
+def run_grid(archs: list[Arch], seeds: int, out: str, cached_only: bool = False) -> list[dict]:
+    """Measure (or load) every configuration and compare it with the theory.  A measurement is
+    made of the seed blocks of `seed_blocks` (one file each, so measurements resume and a larger
+    seed count reuses the blocks measured before), pooled by `pool_seed_blocks`; blocks not
+    measured yet go through `measure_sweep` (one configuration per local device at a time),
+    each saved as soon as it is fetched.  With `cached_only` nothing is measured and a
+    configuration is compared on the blocks it has (merging the shards of a job array); each
+    row records its seed count."""
     os.makedirs(out, exist_ok=True)
-
-    def path(arch):
-        return os.path.join(out, f"{config_name(arch)}-s{seeds}-k{key}.json")
-
-    missing = [] if cached_only else [a for a in archs if not os.path.exists(path(a))]
-    sweep = measure_sweep(missing, seeds=seeds, key=key, chunk=min(seeds, 16))
-    for arch, measured in progress(zip(missing, sweep), total=len(missing), label="measure"):
-        measured.save(path(arch))
+    blocks = seed_blocks(seeds)
+    for n, key in blocks:
+        missing = [] if cached_only else [a for a in archs
+                                          if not os.path.exists(block_path(out, a, n, key))]
+        sweep = measure_sweep(missing, seeds=n, key=key, chunk=min(n, 16))
+        for arch, measured in progress(zip(missing, sweep), total=len(missing),
+                                       label=f"measure k{key}"):
+            measured.save(block_path(out, arch, n, key))
     rows = []
     for arch in progress(archs, total=len(archs), label="validate"):
-        if os.path.exists(path(arch)):
-            rows.extend(compare(predict(arch), GradProfile.load(path(arch))))
+        found = [block_path(out, arch, n, key) for n, key in blocks]
+        found = [GradProfile.load(f) for f in found if os.path.exists(f)]
+        if found:
+            measured = pool_seed_blocks(found)
+            rows.extend(dict(r, seeds=measured.meta["seeds"])
+                        for r in compare(predict(arch), measured))
     return rows
 
 
@@ -184,26 +214,41 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def _stats(rows: list[dict]) -> tuple[float, float, float, float]:
+def _stats(rows: list[dict]) -> tuple[float, float, float, float, float]:
+    """Median, 95th percentile and worst |relative error|, the median relative standard error,
+    and the error beyond noise (`beyond_noise`)."""
     err = np.abs([r["rel_err"] for r in rows])
     se = np.array([r["rel_se"] for r in rows])
     return (float(np.median(err)), float(np.percentile(err, 95)), float(err.max()),
-            float(np.median(se)))
+            float(np.median(se)), beyond_noise(rows))
+
+
+def beyond_noise(rows: list[dict]) -> float:
+    """RMS relative error of the theory beyond the measurement noise,
+    ``sqrt(max(0, mean(err^2 - se^2)))``: ``E[err^2] = bias^2 + se^2`` for an unbiased
+    measurement, so this estimates the RMS bias whatever the correlations between rows (the
+    errors of one configuration share each seed's backward pass and move together, which makes
+    the median |error| of a noisy grid mostly noise; correlations only widen this estimate's
+    own scatter).  0 when the errors are all explained by noise."""
+    err = np.array([r["rel_err"] for r in rows])
+    se = np.array([r["rel_se"] for r in rows])
+    return float(np.sqrt(max(0.0, np.mean(err ** 2 - se ** 2))))
 
 
 def summarize(rows: list[dict]) -> str:
     """The printed error table (percent)."""
     lines = [f"{'placement':10s} {'mask':13s} {'variant':14s} {'params':24s} {'n':>5s} "
-             f"{'median':>7s} {'p95':>7s} {'worst':>7s} {'med.se':>7s}"]
+             f"{'median':>7s} {'p95':>7s} {'worst':>7s} {'med.se':>7s} {'beyond':>7s}"]
     keys = sorted({(r["placement"], r["mask"], r["variant"]) for r in rows})
     for (placement, mask, var), params in itertools.product(keys, SUMMARY_GROUPS):
         sel = [r for r in rows if (r["placement"], r["mask"], r["variant"]) == (placement, mask, var)
                and r["group"] in params]
         if sel:
-            med, p95, worst, se = _stats(sel)
+            med, p95, worst, se, beyond = _stats(sel)
             lines.append(f"{placement:10s} {mask:13s} {var:14s} {' '.join(params):24.24s} "
                          f"{len(sel):5d} {100 * med:6.2f}% {100 * p95:6.2f}% {100 * worst:6.2f}% "
-                         f"{100 * se:6.2f}%")
+                         f"{100 * se:6.2f}% {100 * beyond:6.2f}%")
+    lines.append("(beyond: RMS error beyond the measurement noise, sqrt(mean(err^2 - se^2)))")
     lines.append("")
     lines.append("residual stream (median / worst |error| over the stream points, %):")
     for placement, mask, var in keys:
@@ -212,7 +257,7 @@ def summarize(rows: list[dict]) -> str:
             sel = [r for r in rows if (r["placement"], r["mask"], r["variant"])
                    == (placement, mask, var) and r["group"] == stat]
             if sel:
-                med, _, worst, _ = _stats(sel)
+                med, _, worst, _, _ = _stats(sel)
                 cells.append(f"{stat[len('stream.'):]} {100 * med:5.1f}/{100 * worst:5.1f}")
         if cells:
             lines.append(f"  {placement:10s} {mask:13s} {var:14s} " + "  ".join(cells))
@@ -224,11 +269,12 @@ def summarize(rows: list[dict]) -> str:
             sel = [r for r in rows if r["placement"] == placement and r["param"] == param
                    and r["depth"] == depth]
             if sel:
-                med, _, worst, _ = _stats(sel)
+                med, _, worst, _, _ = _stats(sel)
                 cells.append(f"L{depth}: {100 * med:5.1f}/{100 * worst:5.1f}")
         lines.append(f"  {placement:10s} {param:18s} " + "  ".join(cells))
     lines.append("")
-    lines.append("error trend with width (median |error| over all parameters and layers, %):")
+    lines.append("error trend with width over all parameters and layers, %: median |error| "
+                 "(median se) / beyond noise:")
     for placement in sorted({r["placement"] for r in rows}):
         for group in SUMMARY_GROUPS:
             cells = []
@@ -236,7 +282,8 @@ def summarize(rows: list[dict]) -> str:
                 sel = [r for r in rows if r["placement"] == placement and r["d_model"] == d
                        and r["group"] in group]
                 if sel:
-                    cells.append(f"d={d}: {100 * _stats(sel)[0]:5.2f}")
+                    med, _, _, se, beyond = _stats(sel)
+                    cells.append(f"d={d}: {100 * med:5.2f} ({100 * se:4.2f}) / {100 * beyond:4.2f}")
             lines.append(f"  {placement:10s} {group[0]:8s}... " + "  ".join(cells))
     return "\n".join(lines)
 
@@ -246,9 +293,11 @@ GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID, "coverag
 
 def markdown_table(rows: list[dict]) -> str:
     """Compact Markdown table: per placement / mask / variant, median, 95th percentile and
-    worst |error| (%) of the main parameters and of attn.q / attn.k, and the median se."""
+    worst |error| (%) of the main parameters and of attn.q / attn.k, the median se, and the
+    error beyond noise (`beyond_noise`) of both groups."""
     lines = ["| placement | mask | variant | main median | main p95 | main worst | q/k median "
-             "| q/k worst | median se |", "|" + "---|" * 9]
+             "| q/k worst | median se | main beyond noise | q/k beyond noise |",
+             "|" + "---|" * 11]
     for key in sorted({(r["placement"], r["mask"], r["variant"]) for r in rows}):
         groups = [[r for r in rows if (r["placement"], r["mask"], r["variant"]) == key
                    and r["group"] in params] for params in SUMMARY_GROUPS]
@@ -256,7 +305,7 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         main_stats, qk_stats = _stats(groups[0]), _stats(groups[1])
         cells = [main_stats[0], main_stats[1], main_stats[2], qk_stats[0], qk_stats[2],
-                 main_stats[3]]
+                 main_stats[3], main_stats[4], qk_stats[4]]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
                      + " | ".join(f"{100 * c:.1f}" for c in cells) + " |")
     return "\n".join(lines)
@@ -291,6 +340,8 @@ def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
     atomic_write_text(os.path.join(out, "summary.txt"), table + "\n")
     atomic_write_text(os.path.join(out, "summary.md"), markdown_table(rows) + "\n")
     print(table)
+    counts = sorted({r["seeds"] for r in rows})
+    per_config = (f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}")
     print(f"\n{len(rows)} rows from {len({r['config'] for r in rows})} configurations, "
-          f"{seeds} seeds each, {time.perf_counter() - start:.0f} s; saved under {out}/")
+          f"{per_config} seeds each, {time.perf_counter() - start:.0f} s; saved under {out}/")
     return 0

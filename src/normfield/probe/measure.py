@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from normfield.arch import check_choice, check_int
 from normfield.data import token_probs
 from normfield.probe.model import PRECISIONS, loss_fn, init_params
-from normfield.profile import ACTIVATION_KEYS, GradProfile
+from normfield.profile import ACTIVATION_KEYS, GradProfile, seed_moments
 
 MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default"}
 
@@ -166,12 +166,7 @@ def _profile(arch, parts, seeds, key, precision, remat, elapsed) -> GradProfile:
             raise NonFiniteGradientError(
                 f"non-finite gradient norm of {name!r} (layer {layer}) at seed {seed} "
                 f"of key={key}; {len(bad)} entries affected")
-    grads, stderr = {}, {}
-    for name, sq in per_seed.items():
-        mean = sq.mean(axis=0)
-        se_mean = sq.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.full_like(mean, np.nan)
-        grads[name] = np.sqrt(mean)
-        stderr[name] = se_mean / (2.0 * np.sqrt(np.maximum(mean, 1e-300)))  # delta method
+    grads, stderr = seed_moments(per_seed)
     acts, acts_se = {}, {}
     for prefix, st in stats.items():
         for i, k in enumerate(ACTIVATION_KEYS):
