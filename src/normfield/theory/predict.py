@@ -280,16 +280,20 @@ class _Block:
                     xk, xm = cross[s.b if s.a == "x" else s.a]
                     k, m = k + _sym(xk) * (s.alpha * s.beta), m + _sym(xm) * (s.alpha * s.beta)
                 env[s.dst] = Point(k, m, pa.width)
-            fluct, transfer[s.dst] = self._fluct(s, env, transfer)
+            fluct, transfer[s.dst] = self._fluct(s, env, transfer,
+                                                 cross if i in self.correlated else None)
             p = env[s.dst]
             env[s.dst] = Point(p.k, p.m, p.width, fluct)
             if s.dst in self.carries:
                 cross[s.dst] = self._cross(s, env, cross)
         return env, saved
 
-    def _fluct(self, s, env: dict, transfer: dict) -> tuple[fluctuation.Fluct, float]:
+    def _fluct(self, s, env: dict, transfer: dict,
+               cross: dict | None = None) -> tuple[fluctuation.Fluct, float]:
         """The fluctuation state of the register `s` writes and the share of the block input's
-        spread fluctuation it carries (rules in `fluctuation`)."""
+        spread fluctuation it carries (rules in `fluctuation`).  `cross`: the cross-kernels
+        with the block input when `s` is the correlated add, whose other operand is first
+        regressed on the block input (`fluctuation.regress_on_input`)."""
         a, F = self.arch, fluctuation.Fluct
         if isinstance(s, Norm):
             u = env[s.src]
@@ -319,8 +323,18 @@ class _Block:
         if isinstance(s, Add):
             pa, pb = env[s.a], env[s.b]
             sa, sb = fluctuation.spread(pa.k), fluctuation.spread(pb.k)
-            c, t = fluctuation.add(pa.c, pb.c, transfer[s.a], transfer[s.b], env["x"].c, sa, sb,
-                                   s.alpha, s.beta, pa.width)
+            if cross is None:
+                c, t = fluctuation.add(pa.c, pb.c, transfer[s.a], transfer[s.b], env["x"].c,
+                                       sa, sb, s.alpha, s.beta, pa.width)
+            else:  # x + o with o = lam x + xi: an add of x and xi, which are uncorrelated
+                x, o = (pa, pb) if s.a == "x" else (pb, pa)
+                (s_x, s_o), (coef_x, coef_o) = ((sa, sb), (s.alpha, s.beta)) if s.a == "x" \
+                    else ((sb, sa), (s.beta, s.alpha))
+                lam, s_xi, c_xi, t_xi = fluctuation.regress_on_input(
+                    s_x, s_o, fluctuation.spread(cross[s.b if s.a == "x" else s.a][0]), x.c,
+                    o.c, transfer[s.b if s.a == "x" else s.a], pa.width)
+                c, t = fluctuation.add(x.c, c_xi, 1.0, t_xi, x.c, s_x, s_xi,
+                                       coef_x + coef_o * lam, coef_o, pa.width)
             c_diag = fluctuation.diag_add(pa.c_diag, pb.c_diag, float(np.mean(pa.k.diag)),
                                           float(np.mean(pb.k.diag)), s.alpha, s.beta, pa.width)
             v = fluctuation.coherent_add(pa.coherent, pb.coherent, sa, sb, s.alpha, s.beta)
