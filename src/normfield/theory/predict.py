@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from normfield.arch import GATED_ACTIVATIONS, MASKS, Arch
-from normfield.data import collision_prob, sinusoidal_positions
+from normfield.data import collision_prob, sinusoidal_positions, token_probs
 from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm, Product, Scale,
                                   SelfAttention, Stack, block, stacks)
 from normfield.profile import GradProfile
@@ -297,9 +297,7 @@ class _Block:
         a, F = self.arch, fluctuation.Fluct
         if isinstance(s, Norm):
             u = env[s.src]
-            return F(u.c, 0.0, fluctuation.coherent(u.coherent, u.c_diag,
-                                                    fluctuation.mean_squared_cosine(u.k))), \
-                transfer[s.src]
+            return fluctuation.after_norm(u.c, u.c_diag, u.coherent, u.k), transfer[s.src]
         if isinstance(s, Linear):
             u, fan = env[s.src], a.width(s.fan_out)
             return F(fluctuation.linear(u.c, fan), fluctuation.linear(u.c_diag, fan),
@@ -423,11 +421,22 @@ def position_kernels(arch: Arch) -> tuple[Blocks, Blocks]:
 
 
 def embedding_point(arch: Arch) -> Point:
-    """``x_t = embed_scale * E[token_t] + P[t]``."""
+    """``x_t = embed_scale * E[token_t] + P[t]``, with the fluctuation of its realized kernel
+    (`fluctuation.embedding`: the tokens', the positions' if learned, and the data's)."""
     var = arch.embed_scale ** 2 * arch.param_init("embed.tok").std ** 2
     tok = token_kernel(arch) * var
     pk, pm = position_kernels(arch)
-    return Point(tok + pk, tok * (1.0 / arch.d_model) + pm, arch.d_model)
+    c, c_diag = fluctuation.embedding(token_probs(arch), var, pk.w, arch.positions == "learned",
+                                      arch.d_model)
+    return Point(tok + pk, tok * (1.0 / arch.d_model) + pm, arch.d_model,
+                 fluctuation.Fluct(c, c_diag, 0.0))
+
+
+def _normed(x: Point, arch: Arch) -> Point:
+    """A stack-level norm (embedding norm, final norm) of `x`, carrying the fluctuation state
+    by the rule of every Norm step (`fluctuation.after_norm`)."""
+    y = norm_forward(x, arch.norm, arch.norm_eps)
+    return Point(y.k, y.m, y.width, fluctuation.after_norm(x.c, x.c_diag, x.coherent, x.k))
 
 
 def head_var(arch: Arch) -> float:
@@ -499,7 +508,7 @@ class _StackRun:
         self.store = stack.depth * len(self.blocks[0].steps) * 4 * n * n * 8 < STORE_LIMIT_BYTES
         x = self.embedded = embedding_point(arch)
         if arch.embed_norm:
-            x = norm_forward(x, arch.norm, arch.norm_eps)
+            x = _normed(x, arch)
         self.embed_out = x
         self.inputs, self.kept, self.stats = [], [], [stream_stats(x)]
         for blk in self.blocks:
@@ -509,7 +518,7 @@ class _StackRun:
             x = env[blk.steps[-1].dst]
             self.stats.append(stream_stats(x))
         self.stream = x
-        self.out = norm_forward(x, arch.norm, arch.norm_eps) if arch.has_final_norm else x
+        self.out = _normed(x, arch) if arch.has_final_norm else x
 
     def backward(self, arch: Arch, g: Blocks, grads_sq: dict) -> tuple[Blocks, Blocks | None]:
         """Backward from the gradient kernel `g` at `out`: fills `grads_sq` with the stack's
