@@ -184,3 +184,24 @@ def test_embedding_amplitude_matches_monte_carlo(tokens, learned):
     c_th, _ = fluctuation.embedding(probs, 1.0, kpos, learned, d)
     assert c_th / c_mc == pytest.approx(1.0, abs=0.02)
     assert abs(c_mc * d - 1.0) > 0.15
+
+
+def test_stack_level_norms_carry_the_fluctuation_state():
+    """The embedding norm and the final norm (a Pre-LN encoder's memory) keep c and add the
+    coherent increment of every Norm step; before, their outputs read as iid (c = 1/d)."""
+    from normfield.arch import Arch
+    from normfield.theory.predict import _StackRun, embedding_point, _normed
+    from normfield.placements import stacks
+    from normfield.theory import attention
+
+    arch = Arch(depth=3, placement="pre", d_model=64, n_heads=2, d_ff=128, seq_len=8,
+                batch_size=2, vocab_size=64, embed_norm=True)
+    x = embedding_point(arch)
+    y = _normed(x, arch)
+    assert y.c == x.c > 1.0 / arch.d_model  # collisions at V 64
+    assert y.c_diag == 0.0 and y.coherent > x.coherent == 0.0
+    masks = {kind: attention.Mask.build(kind, arch.seq_len) for kind in ("bidirectional", "causal")}
+    run = _StackRun(arch, stacks(arch)[0], masks, "analytic", None)
+    assert run.embed_out.c == x.c
+    assert run.out.c == run.stream.c > x.c  # the blocks add fluctuation; the final norm keeps it
+    assert run.out.coherent > run.stream.coherent

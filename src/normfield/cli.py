@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small grid and few seeds (minutes on a CPU)")
     p.add_argument("--grid", choices=("quick", "medium", "full", "coverage"),
                    help="grid to run: quick (= --quick), medium (d_model 256/512, depth 6-24, "
-                        "bidirectional and causal: the accuracy bar, ~1-2 h on 2 CPU cores), "
+                        "bidirectional and causal, 64 seeds: the accuracy bar, ~1 h on 2 CPU cores), "
                         "full (the whole grid, for a GPU) or coverage (one config per placement, "
                         "norm, activation, position and QK-Norm at d_model 256); default full, "
                         "or quick with --quick")

@@ -35,7 +35,8 @@ QUICK_GRID = dict(placement=("post", "pre"), mask=("bidirectional",), activation
                   depth=(2, 6), d_model=(64, 128), seq_len=(16,), seeds=32)
 MEDIUM_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
                    activation=("relu",), depth=(6, 12, 24), d_model=(256, 512), seq_len=(32,),
-                   seeds=32)
+                   seeds=64)
+COVERAGE_SEEDS = 64
 FULL_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
                  activation=("relu", "gelu"), depth=(2, 6, 12, 24, 48),
                  d_model=(128, 256, 512, 1024), seq_len=(16, 64, 256), seeds=64)
@@ -327,7 +328,7 @@ def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
     part = parse_shard(shard)
     if part:
         archs = archs[part[0]::part[1]]
-    seeds = seeds or (32 if name == "coverage" else GRIDS[name]["seeds"])
+    seeds = seeds or (COVERAGE_SEEDS if name == "coverage" else GRIDS[name]["seeds"])
     start = time.perf_counter()
     rows = run_grid(archs, seeds, out, cached_only=merge)
     if not rows:

@@ -406,9 +406,10 @@ def gram_fluctuation(mask: Mask, kx: Blocks, fluct: float, rot: Rotary | None = 
     the realized kernel fluctuates more (`fluctuation`, carried through the blocks by the
     interpreter), and every 1/d above reads `fluct`.
 
-    Approximations: the input's coordinates are treated as Gaussian and random, so the
-    deterministic part of sinusoidal positions (a third of the embedding kernel) is counted
-    as random; QK-Norm rescales the key kernel by its mean normalization.  Checks:
+    Approximations: the covariance is taken in the pairing form with one matched amplitude
+    (`fluctuation.embedding` matches it on this very sum for the embedding, where token
+    collisions and deterministic positions make other shapes); QK-Norm rescales the key
+    kernel by its mean normalization.  Checks:
     ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8; the RoPE forms against
     their definition summed term by term)."""
     if rot is None and mask.full:  # t a scalar, B = mean(D(K)^2) per block (both at once)

@@ -8,8 +8,9 @@ branches, the cosine bias of the norm forward map); Gaussian logits with exchang
 the softmax (`attention`, `softmax`), plus the finite-width term that grows with the number of
 keys n: the covariance of the keys' and values' realized kernels through their shared input
 tokens (`attention.gram_fluctuation`), O(n c), with the realized kernel's fluctuation
-amplitude c carried through the blocks (`fluctuation`: 1/d for iid tokens, growing with
-depth); token collisions enter the kernels in expectation (probability sum_v p_v^2).
+amplitude c carried through the blocks (`fluctuation`: derived at the embedding, growing with
+depth); token collisions enter the kernels in expectation (probability sum_v p_v^2) and c
+through their variance.
 The loss is the mean cross-entropy over N = B n positions with targets iid from the token
 distribution.  At initialization the logit gradient is ``(p_t - e_{y_t}) / N`` and
 ``E[(p_t - e_y_t) . (p_t' - e_y_t')] = E[p_t . p_t'] - 2/V + P(y_t = y_t')`` (``1 - 2/V + E||p||^2``
