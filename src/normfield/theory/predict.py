@@ -326,13 +326,15 @@ class _Block:
                 c, t = fluctuation.add(pa.c, pb.c, transfer[s.a], transfer[s.b], env["x"].c,
                                        sa, sb, s.alpha, s.beta, pa.width)
             else:  # x + o with o = lam x + xi: an add of x and xi, which are uncorrelated
-                x, o = (pa, pb) if s.a == "x" else (pb, pa)
-                (s_x, s_o), (coef_x, coef_o) = ((sa, sb), (s.alpha, s.beta)) if s.a == "x" \
-                    else ((sb, sa), (s.beta, s.alpha))
+                first = s.a == "x"
+                o = s.b if first else s.a
+                (s_x, s_o), (coef_x, coef_o) = (((sa, sb), (s.alpha, s.beta)) if first
+                                                else ((sb, sa), (s.beta, s.alpha)))
+                c_x = env["x"].c
                 lam, s_xi, c_xi, t_xi = fluctuation.regress_on_input(
-                    s_x, s_o, fluctuation.spread(cross[s.b if s.a == "x" else s.a][0]), x.c,
-                    o.c, transfer[s.b if s.a == "x" else s.a], pa.width)
-                c, t = fluctuation.add(x.c, c_xi, 1.0, t_xi, x.c, s_x, s_xi,
+                    s_x, s_o, fluctuation.spread(cross[o][0]), c_x, env[o].c, transfer[o],
+                    pa.width)
+                c, t = fluctuation.add(c_x, c_xi, 1.0, t_xi, c_x, s_x, s_xi,
                                        coef_x + coef_o * lam, coef_o, pa.width)
             c_diag = fluctuation.diag_add(pa.c_diag, pb.c_diag, float(np.mean(pa.k.diag)),
                                           float(np.mean(pb.k.diag)), s.alpha, s.beta, pa.width)
