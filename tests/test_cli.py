@@ -178,6 +178,24 @@ def test_dispatch_passes_quick_and_out(capsys, monkeypatch, tmp_path):
     assert code == 0 and calls == [(True, str(tmp_path))]
 
 
+def test_validate_seeds_reach_the_grid_and_bad_counts_are_refused(capsys, monkeypatch, tmp_path):
+    import types
+
+    calls = []
+    fake = types.ModuleType("normfield.validate")
+    fake.main = lambda quick, out, **kw: calls.append((quick, out, kw))
+    monkeypatch.setitem(sys.modules, "normfield.validate", fake)
+    code, _, _ = run_main(capsys, "validate", "--grid", "medium", "--seeds", "96", "--merge",
+                          "--out", str(tmp_path))
+    assert code == 0 and calls == [(False, str(tmp_path), {"grid": "medium", "merge": True,
+                                                           "seeds": 96})]
+    monkeypatch.undo()
+    code, _, err = run_main(capsys, "validate", "--grid", "quick", "--seeds", "40", "--merge",
+                            "--out", str(tmp_path))
+    assert_one_line_error(code, err)
+    assert "seeds=40" in err
+
+
 def test_progress_bar():
     stream = io.StringIO()
     assert list(progress(range(5), label="t", stream=stream, enabled=True)) == list(range(5))

@@ -260,7 +260,8 @@ def _dispatch(module: str, args) -> int:
     except (ImportError, AttributeError) as exc:
         print(f"{PROG}: error: {module} is not available ({exc})", file=sys.stderr)
         return 2
-    extra = {k: getattr(args, k) for k in ("grid", "shard", "merge") if getattr(args, k, None)}
+    extra = {k: getattr(args, k) for k in ("grid", "shard", "merge", "seeds")
+             if getattr(args, k, None)}
     result = entry(quick=args.quick, out=args.out, **extra)
     if isinstance(result, bool):
         return 0 if result else 1
@@ -352,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or quick with --quick")
     p.add_argument("--shard", metavar="I/N",
                    help="run only configurations I, I+N, I+2N, ... (job arrays; 0 <= I < N)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per configuration (default: the grid's, 64 for medium and "
+                        "coverage); 1-32 or a multiple of 32, measured in 32-seed blocks, so "
+                        "that raising it measures only the new blocks")
     p.add_argument("--merge", action="store_true",
                    help="measure nothing: compare the configurations already measured under "
                         "--out (after the shards of a job array have finished)")
