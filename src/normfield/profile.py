@@ -5,7 +5,8 @@ ffn.w2 ffn.w3 norm1.scale ...`` per layer, and ``embed.tok embed.pos head.out fi
 once) it holds ``sqrt(E ||dL/dW||_F^2)``: predicted by the theory, or measured as
 ``sqrt(mean over seeds of ||dL/dW||_F^2)`` with its standard error (delta method) and the per-seed
 squared norms.  Per-layer arrays have length ``depth`` (index 0 = block nearest the input);
-non-layer parameters have length 1.
+non-layer parameters have length 1.  Measurements of one configuration made with different
+keys pool into one measurement over all their seeds (`pool_seed_blocks`).
 
 Forward statistics (`activations`) are given at the residual-stream points 0..depth (0 = the
 embedding output, l = the output of block l):
