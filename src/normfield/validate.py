@@ -35,7 +35,7 @@ QUICK_GRID = dict(placement=("post", "pre"), mask=("bidirectional",), activation
                   depth=(2, 6), d_model=(64, 128), seq_len=(16,), seeds=32)
 MEDIUM_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
                    activation=("relu",), depth=(6, 12, 24), d_model=(256, 512), seq_len=(32,),
-                   seeds=64)
+                   seeds=96)
 COVERAGE_SEEDS = 64
 FULL_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
                  activation=("relu", "gelu"), depth=(2, 6, 12, 24, 48),
