@@ -9,7 +9,8 @@ Measures, in one process on ``jax.devices()[0]``:
     GPT-2-small shape (or a small shape with --quick), for float32 / tf32 / bfloat16:
     steady-state seconds per call, achieved TFLOP/s from the analytic FLOP count below, fraction
     of that precision's matmul peak, and the max relative difference of the per-seed gradient
-    norms against float32;
+    norms against float32; then the variants in `VARIANTS` (layers unrolled instead of scanned,
+    rematerialized blocks) against the same float32 reference;
   * compile time (``_run_chunk.lower(...).compile()``) at depth 6 and depth 48;
   * peak device memory (``memory_stats()``; null where the backend has none, e.g. CPU);
   * an optional PyTorch reference (`torch_reference.py`; skipped when torch is missing);
@@ -54,6 +55,7 @@ FULL_SHAPE = dict(d_model=768, n_heads=12, d_ff=3072, depth=12, seq_len=512, bat
 QUICK_SHAPE = dict(d_model=128, n_heads=2, d_ff=512, depth=4, seq_len=64, batch_size=2,
                    vocab_size=512)
 PRECISIONS = ("float32", "tf32", "bfloat16")
+VARIANTS = {"unroll": PRECISIONS, "remat": ("float32",)}  # probe options timed beside the scan
 
 
 def forward_flops(shape: dict) -> float:
@@ -111,9 +113,9 @@ def make_arch(shape: dict, **changes) -> Arch:
     return Arch(placement=PLACEMENT, **{**shape, **changes})
 
 
-def probe_call(arch, precision, keys):
+def probe_call(arch, precision, keys, **options):
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
-        return jax.block_until_ready(_run_chunk(arch, precision, keys))
+        return jax.block_until_ready(_run_chunk(arch, precision, keys, **options))
 
 
 def per_seed_norms(sq) -> np.ndarray:
@@ -131,30 +133,48 @@ def max_rel(a, ref) -> float:
     return float((np.abs(a - ref) / np.maximum(np.abs(ref), 1e-30)).max())
 
 
+def time_probe(arch, prec, keys, flops, peak, min_time, repeats, ref=None, **options):
+    """One probe configuration: steady seconds per call, TFLOP/s, fraction of `peak` and the
+    difference of its norms from `ref` (the float32 scan's (per seed, profile) norms; itself
+    when None).  Returns (row, norms)."""
+    t = time.perf_counter()
+    sq, _ = probe_call(arch, prec, keys, **options)  # compile + first run
+    first = time.perf_counter() - t
+    times = timed(lambda: probe_call(arch, prec, keys, **options), min_time, min_iters=repeats)
+    steady = statistics.median(times)
+    norms = per_seed_norms(sq), profile_norms(sq)
+    (seed_ref, prof_ref), (seed, prof) = ref or norms, norms
+    tflops = flops / steady / 1e12
+    row = {"seconds_per_call": steady, "seconds_min": min(times), "iters": len(times),
+           "first_call_seconds": first, "compile_seconds_est": first - steady,
+           "tflops": tflops, "fraction_of_peak": tflops / peak,
+           "max_rel_diff_vs_float32": max_rel(seed, seed_ref),
+           "profile_max_rel_diff_vs_float32": max_rel(prof, prof_ref)}
+    label = prec + "".join(f" {k}" for k, v in options.items() if v)
+    print(f"  probe {label:16s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
+          f"({100 * tflops / peak:.1f}% of peak), vs float32: per seed "
+          f"max {row['max_rel_diff_vs_float32']:.1e}, profile max "
+          f"{row['profile_max_rel_diff_vs_float32']:.1e}", flush=True)
+    return row, norms
+
+
 def bench_probe(shape, seeds, peaks, min_time, repeats) -> tuple[dict, dict]:
+    """The probe (one `lax.scan` over layers) in every precision, then the variants: layers
+    unrolled into a Python loop, and rematerialized blocks (`remat`), against the same float32
+    reference."""
     arch = make_arch(shape)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
     flops = train_flops(shape, seeds)
-    out, norms = {}, {}
+    out, variants, ref = {}, {name: {} for name in VARIANTS}, None
     for prec in PRECISIONS:
-        t = time.perf_counter()
-        sq, _ = probe_call(arch, prec, keys)  # compile + first run
-        first = time.perf_counter() - t
-        times = timed(lambda: probe_call(arch, prec, keys), min_time, min_iters=repeats)
-        steady = statistics.median(times)
-        norms[prec] = per_seed_norms(sq), profile_norms(sq)
-        tflops = flops / steady / 1e12
-        (seed_ref, prof_ref), (seed, prof) = norms["float32"], norms[prec]
-        out[prec] = {"seconds_per_call": steady, "seconds_min": min(times), "iters": len(times),
-                     "first_call_seconds": first, "compile_seconds_est": first - steady,
-                     "tflops": tflops, "fraction_of_peak": tflops / peaks[prec]["tflops"],
-                     "max_rel_diff_vs_float32": max_rel(seed, seed_ref),
-                     "profile_max_rel_diff_vs_float32": max_rel(prof, prof_ref)}
-        print(f"  probe {prec:9s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
-              f"({100 * tflops / peaks[prec]['tflops']:.1f}% of peak), vs float32: per seed "
-              f"max {max_rel(seed, seed_ref):.1e}, profile max {max_rel(prof, prof_ref):.1e}",
-              flush=True)
-    return out, {"flops_per_call": flops, "seeds": seeds}
+        out[prec], norms = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"], min_time,
+                                      repeats, ref)
+        ref = ref or norms
+    for name, precisions in VARIANTS.items():
+        for prec in precisions:
+            variants[name][prec], _ = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"],
+                                                 min_time, repeats, ref, **{name: True})
+    return out, {"flops_per_call": flops, "seeds": seeds, "probe_variants": variants}
 
 
 def compile_time(shape, depth, seeds, precision="float32") -> float:
@@ -326,6 +346,12 @@ def print_table(r: dict) -> None:
               f"{pr['profile_max_rel_diff_vs_float32']:10.2e} {ratio:>12s}")
     print("(seed diff / prof diff: max relative difference from float32 of the per-seed norms /"
           " of sqrt(mean over seeds), over all parameters and layers)")
+    for name, rows in r["probe_variants"].items():
+        for prec, pr in rows.items():
+            print(f"variant {name} {prec}: {pr['seconds_per_call']:.4f} s/call "
+                  f"({100 * pr['fraction_of_peak']:.1f}% of peak; scan "
+                  f"{r['probe'][prec]['seconds_per_call']:.4f} s), profile diff vs float32 "
+                  f"{pr['profile_max_rel_diff_vs_float32']:.2e}")
     c = r["compile"]
     print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
           f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")

@@ -60,21 +60,23 @@ def _squared_norms(grads) -> dict:
     return out
 
 
-def one_seed(arch, precision, key, remat=False):
-    """Per-parameter squared gradient norms and stream statistics for one seed."""
+def one_seed(arch, precision, key, remat=False, unroll=False):
+    """Per-parameter squared gradient norms and stream statistics for one seed (`unroll`: the
+    layers as a Python loop instead of one `lax.scan`; same numbers, compile time grows with
+    depth)."""
     k_param, k_data = jax.random.split(key)
     params = init_params(arch, k_param)
     tokens, targets = sample_batch(arch, k_data)
-    loss = partial(loss_fn, arch, precision=precision, remat=remat)
+    loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll)
     grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
     return _squared_norms(grads), stats
 
 
-@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat",))
-def _run_chunk(arch, precision, keys, remat=False):
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "unroll"))
+def _run_chunk(arch, precision, keys, remat=False, unroll=False):
     """All seeds of a chunk in one compiled call (parameters and data are created on device
     from the keys, so nothing but the keys goes in and only (seeds, depth) arrays come out)."""
-    return jax.vmap(partial(one_seed, arch, precision, remat=remat))(keys)
+    return jax.vmap(partial(one_seed, arch, precision, remat=remat, unroll=unroll))(keys)
 
 
 def _shard(keys):
