@@ -236,7 +236,7 @@ def cmd_probe(args) -> int:
     from normfield.probe.measure import measure_grad_norms
 
     profile = measure_grad_norms(arch, seeds=args.seeds, key=args.key, precision=args.precision,
-                                 chunk=args.chunk, remat=args.remat)
+                                 chunk=args.chunk, remat=args.remat, unroll=args.unroll)
     return _emit(profile, args)
 
 
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds per compiled call; lower it to save memory (default: all seeds)")
     g.add_argument("--remat", action="store_true",
                    help="recompute each block in the backward pass (jax.checkpoint) to save memory")
+    g.add_argument("--unroll", action="store_true",
+                   help="layers as a Python loop instead of one lax.scan: faster on a GPU, "
+                        "compile time grows with depth")
     g.add_argument("--out", metavar="PATH", help=out_help)
     p.set_defaults(handler=cmd_probe)
 

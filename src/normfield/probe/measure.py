@@ -87,13 +87,14 @@ def _shard(keys):
     return keys
 
 
-def _dispatch(arch, seeds, key, precision, chunk, remat, device=None) -> list:
+def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
     """Dispatch every chunk of seeds (asynchronously; nothing is fetched): on `device`, or with
-    the seed axis sharded over all local devices when `device` is None."""
+    the seed axis sharded over all local devices when `device` is None.  `options`: the
+    compiled chunk's ``remat`` and ``unroll`` flags."""
     keys = jax.random.split(jax.random.PRNGKey(key), seeds)
     place = _shard if device is None else (lambda k: jax.device_put(k, device))
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
-        return [_run_chunk(arch, precision, place(keys[lo:lo + chunk]), remat=remat)
+        return [_run_chunk(arch, precision, place(keys[lo:lo + chunk]), **options)
                 for lo in range(0, seeds, chunk)]
 
 
@@ -107,7 +108,8 @@ def _check_args(seeds, key, precision, chunk) -> int:
 
 
 def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
-                       chunk: int | None = None, remat: bool = False) -> GradProfile:
+                       chunk: int | None = None, remat: bool = False,
+                       unroll: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
 
     Args:
@@ -118,6 +120,10 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
       chunk: seeds per compiled call (default: all at once); lower it to save memory.
       remat: rematerialize each block in the backward pass (`jax.checkpoint`) to fit larger
         configurations; same numbers up to float rounding.
+      unroll: run the layers as a Python loop instead of one `lax.scan`: same numbers up to
+        float rounding, 6-24% less time per call at the GPT-2-small shape on an H200, but the
+        first call (compile and autotuning) took 106-113 s instead of 14-48 s at depth 12
+        and grows with depth (benchmarks/README.md): worth it for many calls of one shape.
     Raises:
       ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
       a gradient is NaN or infinite (never averaged away).
@@ -125,12 +131,13 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
     chunk = _check_args(seeds, key, precision, chunk)
     start = time.perf_counter()
     # every chunk is dispatched before any result is fetched: no host round trip in between
-    parts = jax.device_get(_dispatch(arch, seeds, key, precision, chunk, remat))
-    return _profile(arch, parts, seeds, key, precision, remat, time.perf_counter() - start)
+    options = {"remat": remat, "unroll": unroll}
+    parts = jax.device_get(_dispatch(arch, seeds, key, precision, chunk, options))
+    return _profile(arch, parts, seeds, key, precision, options, time.perf_counter() - start)
 
 
 def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float32",
-                  chunk: int | None = None, remat: bool = False):
+                  chunk: int | None = None, remat: bool = False, unroll: bool = False):
     """`measure_grad_norms` of every Arch of `archs`, yielded in order, with the configuration
     axis spread over the local devices: configurations go out in waves of one per device
     (each pinned to its device, all of a wave dispatched before any result is fetched), so
@@ -139,23 +146,23 @@ def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float3
     from the wave's dispatch to this result.  Bad arguments raise ValueError at the call, not at
     the first result."""
     chunk = _check_args(seeds, key, precision, chunk)
-    return _sweep(list(archs), seeds, key, precision, chunk, remat)
+    return _sweep(list(archs), seeds, key, precision, chunk, {"remat": remat, "unroll": unroll})
 
 
-def _sweep(archs, seeds, key, precision, chunk, remat):
+def _sweep(archs, seeds, key, precision, chunk, options):
     devices = jax.local_devices()
     for lo in range(0, len(archs), len(devices)):
         wave = list(zip(archs[lo:lo + len(devices)], devices))
         start = time.perf_counter()
-        pending = [_dispatch(a, seeds, key, precision, chunk, remat, dev) for a, dev in wave]
+        pending = [_dispatch(a, seeds, key, precision, chunk, options, dev) for a, dev in wave]
         for (arch, dev), parts in zip(wave, pending):
-            profile = _profile(arch, jax.device_get(parts), seeds, key, precision, remat,
+            profile = _profile(arch, jax.device_get(parts), seeds, key, precision, options,
                                time.perf_counter() - start)
             profile.meta["sweep_device"] = str(dev)
             yield profile
 
 
-def _profile(arch, parts, seeds, key, precision, remat, elapsed) -> GradProfile:
+def _profile(arch, parts, seeds, key, precision, options, elapsed) -> GradProfile:
     """The GradProfile of fetched chunk results; NonFiniteGradientError on NaN or inf."""
     sq_parts, stat_parts = [p[0] for p in parts], [p[1] for p in parts]
     per_seed = {n: np.concatenate([p[n] for p in sq_parts]).astype(np.float64) for n in sq_parts[0]}
@@ -178,7 +185,7 @@ def _profile(arch, parts, seeds, key, precision, remat, elapsed) -> GradProfile:
                                    else np.full(values.shape[1], np.nan))
         if arch.batch_size == 1:
             acts[prefix + "cos_across"] = np.full(st.shape[1], np.nan)
-    meta = {"seeds": seeds, "key": key, "precision": precision, "remat": remat,
+    meta = {"seeds": seeds, "key": key, "precision": precision, **options,
             "jax_version": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),
             "platform": platform.platform(), "seconds": elapsed,
