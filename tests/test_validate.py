@@ -56,6 +56,16 @@ def test_variant_names_distinguish_features():
     assert len({validate.config_name(x) for x in archs}) == len(archs)
 
 
+def test_sample_grid_is_part_of_the_full_grid_where_the_bar_applies():
+    full = {validate.config_name(a) for a in validate.grid_archs(validate.FULL_GRID)}
+    sample, seeds = validate.grid_configs("sample")
+    names = [validate.config_name(a) for a in sample]
+    assert len(names) == len(set(names)) == 16 and set(names) <= full and seeds == 64
+    assert all(a.d_model >= 256 and a.depth <= 24 for a in sample)
+    assert {a.seq_len for a in sample} == {16, 64, 256} and {a.d_model for a in sample} == {
+        256, 512, 1024} and {a.activation for a in sample} == {"relu", "gelu"}
+
+
 def test_bad_grid_name():
     with pytest.raises(ValueError, match="grid='huge'"):
         validate.main(grid="huge")

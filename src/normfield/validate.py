@@ -40,6 +40,19 @@ COVERAGE_SEEDS = 64
 FULL_GRID = dict(placement=("post", "pre"), mask=("bidirectional", "causal"),
                  activation=("relu", "gelu"), depth=(2, 6, 12, 24, 48),
                  d_model=(128, 256, 512, 1024), seq_len=(16, 64, 256), seeds=64)
+# A sample of the full grid (d_model >= 256, depth <= 24, where the accuracy bar applies) along
+# the axes the medium grid keeps fixed: seq_len 64 and 256, GELU, d_model 1024, depth 24 with GELU.
+SAMPLE_GRIDS = (
+    dict(placement=("post", "pre"), mask=("bidirectional", "causal"), activation=("relu", "gelu"),
+         depth=(12,), d_model=(256,), seq_len=(64,)),
+    dict(placement=("post", "pre"), mask=("bidirectional", "causal"), activation=("relu",),
+         depth=(12,), d_model=(512,), seq_len=(256,)),
+    dict(placement=("post", "pre"), mask=("bidirectional",), activation=("relu",), depth=(12,),
+         d_model=(1024,), seq_len=(64,)),
+    dict(placement=("post", "pre"), mask=("causal",), activation=("gelu",), depth=(24,),
+         d_model=(512,), seq_len=(16,)),
+)
+SAMPLE_SEEDS = 64
 SUMMARY_GROUPS = (("attn.v", "attn.o", "ffn.w1", "ffn.w2", "embed.tok", "head.out"),
                   ("attn.q", "attn.k"))
 
@@ -53,6 +66,11 @@ def grid_archs(grid: dict, **fixed) -> list[Arch]:
         archs.append(Arch(n_heads=max(1, d // 64), d_ff=4 * d, batch_size=2,
                           vocab_size=512, **kw, **fixed))
     return archs
+
+
+def sample_archs() -> list[Arch]:
+    """The configurations of `SAMPLE_GRIDS` (each a member of the full grid)."""
+    return [a for grid in SAMPLE_GRIDS for a in grid_archs(grid)]
 
 
 COVERAGE_BASE = dict(depth=6, d_model=256, n_heads=4, d_ff=1024, seq_len=32, batch_size=2,
@@ -289,7 +307,19 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID, "coverage": None}
+GRIDS = {"quick": QUICK_GRID, "medium": MEDIUM_GRID, "full": FULL_GRID, "sample": None,
+         "coverage": None}
+
+
+def grid_configs(name: str) -> tuple[list[Arch], int]:
+    """The configurations of the grid `name` and its default seed count."""
+    if name not in GRIDS:
+        raise ValueError(f"invalid grid={name!r}: expected one of {', '.join(GRIDS)}")
+    if name == "coverage":
+        return coverage_archs(), COVERAGE_SEEDS
+    if name == "sample":
+        return sample_archs(), SAMPLE_SEEDS
+    return grid_archs(GRIDS[name]), GRIDS[name]["seeds"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -314,21 +344,20 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
          grid: str | None = None, shard: str | None = None, merge: bool = False) -> int:
-    """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`, or
-    `coverage` (one configuration per architecture feature); `out` defaults to
+    """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`,
+    `sample` (`SAMPLE_GRIDS`: the full grid's other axes at d >= 256) or `coverage` (one
+    configuration per architecture feature); `out` defaults to
     ``results/validation-<grid>`` so that grids keep their own summaries.
 
     For a job array, run ``shard="I/N"`` for I = 0..N-1 (each writes its measurements to the
     shared `out`), then ``merge=True`` to compare everything measured so far."""
     name = grid or ("quick" if quick else "full")
-    if name not in GRIDS:
-        raise ValueError(f"invalid grid={name!r}: expected one of {', '.join(GRIDS)}")
+    archs, default_seeds = grid_configs(name)
     out = out or f"results/validation-{name}"
-    archs = coverage_archs() if name == "coverage" else grid_archs(GRIDS[name])
     part = parse_shard(shard)
     if part:
         archs = archs[part[0]::part[1]]
-    seeds = seeds or (COVERAGE_SEEDS if name == "coverage" else GRIDS[name]["seeds"])
+    seeds = seeds or default_seeds
     start = time.perf_counter()
     rows = run_grid(archs, seeds, out, cached_only=merge)
     if not rows:
