@@ -80,7 +80,7 @@ NOTEBOOKS = {
                           "toward the output in the *decoder* (its W1 grows several-fold from "
                           "layer 1 to 6) while the encoder stays nearly flat; Pre-LN falls "
                           "toward the output in both. At paper size the probe on an H200 "
-                          "measured 6.48x for the Post-LN decoder's W1 against 6.73x predicted "
+                          "measured 6.48x for the Post-LN decoder's W1 against 6.69x predicted "
                           "(`figures/full/`); the paper's panel shows ~20x on real sentences."),
         new_code_cell(
             "growth = {}\n"
