@@ -9,10 +9,12 @@ from normfield.theory.predict import predict
 TINY = dict(depth=2, d_model=32, n_heads=2, d_ff=64, seq_len=4, batch_size=2, vocab_size=16)
 
 
-def _fake_measure(scale):
+def _fake_measure(scale, chunks=None):
     calls = []
 
     def sweep(archs, seeds, key, chunk):
+        if chunks is not None:
+            chunks.append(chunk)
         for arch in archs:
             calls.append((arch, key))
             prof = predict(arch)
@@ -137,6 +139,11 @@ def test_seed_blocks_are_added_not_remeasured(tmp_path, monkeypatch):
     rows = validate.run_grid([arch], seeds=96, out=str(tmp_path))  # adds keys 1 and 2 only
     assert [k for _, k in calls] == [0, 1, 2]
     assert {r["seeds"] for r in rows} == {96}
+    chunks = []
+    measure, calls = _fake_measure(1.0, chunks)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
+    validate.run_grid([arch], seeds=64, out=str(tmp_path / "chunked"), chunk=4)
+    assert chunks == [4, 4]  # seeds per compiled call, for configurations that need less memory
     assert validate.seed_blocks(96) == [(32, 0), (32, 1), (32, 2)]
     assert validate.seed_blocks(5) == [(5, 0)]
     for bad in (0, 40, 2.0, True):

@@ -260,7 +260,7 @@ def _dispatch(module: str, args) -> int:
     except (ImportError, AttributeError) as exc:
         print(f"{PROG}: error: {module} is not available ({exc})", file=sys.stderr)
         return 2
-    extra = {k: getattr(args, k) for k in ("grid", "shard", "merge", "seeds")
+    extra = {k: getattr(args, k) for k in ("grid", "shard", "merge", "seeds", "chunk")
              if getattr(args, k, None)}
     result = entry(quick=args.quick, out=args.out, **extra)
     if isinstance(result, bool):
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds per configuration (default: the grid's, 96 for medium, 64 for "
                         "sample and coverage); 1-32 or a multiple of 32, measured in 32-seed blocks, so "
                         "that raising it measures only the new blocks")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="seeds per compiled call (default 16); lower it when a configuration "
+                        "does not fit in memory (d_model 1024: 4 on a 24 GB CPU host)")
     p.add_argument("--merge", action="store_true",
                    help="measure nothing: compare the configurations already measured under "
                         "--out (after the shards of a job array have finished)")

@@ -191,20 +191,23 @@ def block_path(out: str, arch: Arch, seeds: int, key: int) -> str:
     return os.path.join(out, f"{config_name(arch)}-s{seeds}-k{key}.json")
 
 
-def run_grid(archs: list[Arch], seeds: int, out: str, cached_only: bool = False) -> list[dict]:
+def run_grid(archs: list[Arch], seeds: int, out: str, cached_only: bool = False,
+             chunk: int = 16) -> list[dict]:
     """Measure (or load) every configuration and compare it with the theory.  A measurement is
     made of the seed blocks of `seed_blocks` (one file each, so measurements resume and a larger
     seed count reuses the blocks measured before), pooled by `pool_seed_blocks`; blocks not
     measured yet go through `measure_sweep` (one configuration per local device at a time),
     each saved as soon as it is fetched.  With `cached_only` nothing is measured and a
     configuration is compared on the blocks it has (merging the shards of a job array); each
-    row records its seed count."""
+    row records its seed count.  `chunk`: seeds per compiled call (memory grows with it: per
+    seed, the parameters and their gradients; d_model 1024 at depth 12 needs chunk 4 in 24 GB
+    of host memory)."""
     os.makedirs(out, exist_ok=True)
     blocks = seed_blocks(seeds)
     for n, key in blocks:
         missing = [] if cached_only else [a for a in archs
                                           if not os.path.exists(block_path(out, a, n, key))]
-        sweep = measure_sweep(missing, seeds=n, key=key, chunk=min(n, 16))
+        sweep = measure_sweep(missing, seeds=n, key=key, chunk=min(n, chunk))
         for arch, measured in progress(zip(missing, sweep), total=len(missing),
                                        label=f"measure k{key}"):
             measured.save(block_path(out, arch, n, key))
@@ -343,7 +346,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
-         grid: str | None = None, shard: str | None = None, merge: bool = False) -> int:
+         grid: str | None = None, shard: str | None = None, merge: bool = False,
+         chunk: int = 16) -> int:
     """Run a grid: `quick`, `medium` (the issue's d >= 256 bar on a CPU budget), `full`,
     `sample` (`SAMPLE_GRIDS`: the full grid's other axes at d >= 256) or `coverage` (one
     configuration per architecture feature); `out` defaults to
@@ -359,7 +363,7 @@ def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
         archs = archs[part[0]::part[1]]
     seeds = seeds or default_seeds
     start = time.perf_counter()
-    rows = run_grid(archs, seeds, out, cached_only=merge)
+    rows = run_grid(archs, seeds, out, cached_only=merge, chunk=chunk)
     if not rows:
         raise ValueError(f"no measurements under out={out!r} for grid={name!r}: run the shards first")
     with open(os.path.join(out, "errors.csv"), "w", newline="") as fh:
