@@ -125,6 +125,13 @@ def test_bad_probe_argument(capsys):
     assert "seeds" in err
 
 
+@pytest.mark.parametrize("flag", ["--seeds", "--chunk"])
+def test_validate_zero_seeds_or_chunk_is_an_error_not_the_default(flag, capsys, tmp_path):
+    code, _, err = run_main(capsys, "validate", "--quick", flag, "0", "--out", str(tmp_path))
+    assert_one_line_error(code, err)
+    assert f"{flag[2:]}=0" in err
+
+
 def test_python_dash_m_bad_input_subprocess():
     proc = run_module("probe", "--depth", "0", "--placement", "post")
     assert_one_line_error(proc.returncode, proc.stderr)

@@ -73,6 +73,14 @@ def test_bad_grid_name():
         validate.main(grid="huge")
 
 
+@pytest.mark.parametrize("kw,match", [(dict(seeds=0), "seeds=0"), (dict(seeds=40), "seeds=40"),
+                                      (dict(chunk=0), "chunk=0")])
+def test_bad_seeds_or_chunk_are_refused_before_any_work(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        validate.main(grid="quick", out=str(tmp_path), **kw)
+    assert not list(tmp_path.iterdir())  # nothing measured or written
+
+
 def test_markdown_table_has_one_row_per_configuration(tmp_path, monkeypatch):
     measure, _ = _fake_measure(2.0)
     monkeypatch.setattr(validate, "measure_sweep", measure)

@@ -261,7 +261,7 @@ def _dispatch(module: str, args) -> int:
         print(f"{PROG}: error: {module} is not available ({exc})", file=sys.stderr)
         return 2
     extra = {k: getattr(args, k) for k in ("grid", "shard", "merge", "seeds", "chunk")
-             if getattr(args, k, None)}
+             if getattr(args, k, None) is not None and getattr(args, k) is not False}
     result = entry(quick=args.quick, out=args.out, **extra)
     if isinstance(result, bool):
         return 0 if result else 1

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from normfield.arch import Arch, group_of
+from normfield.arch import Arch, check_int, group_of
 from normfield.probe.measure import measure_sweep
 from normfield.profile import GradProfile, atomic_write_text, pool_seed_blocks
 from normfield.progress import progress
@@ -361,7 +361,9 @@ def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
     part = parse_shard(shard)
     if part:
         archs = archs[part[0]::part[1]]
-    seeds = seeds or default_seeds
+    seeds = default_seeds if seeds is None else seeds
+    seed_blocks(seeds)  # ValueError for a bad seed count before any work
+    check_int("chunk", chunk, 1)
     start = time.perf_counter()
     rows = run_grid(archs, seeds, out, cached_only=merge, chunk=chunk)
     if not rows:
