@@ -60,3 +60,22 @@ def test_bidirectional_query_term_keeps_its_precision_near_collapse():
     exact = np.mean(e_k * d_v)
     term = attention._mean_query_term(mask, 1.0 + eps * e_k, 1.0 + eps * e_v) / eps ** 2
     np.testing.assert_allclose(term, exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "causal"])
+def test_own_shares_are_the_weight_of_one_pair_in_the_mean_terms(kind):
+    # the entries (p, q) and (q, p) of a kernel (one entry when p = q) as a unit input E:
+    # their weight in the entry (p, q) of the sandwich and of the (linear) key term
+    n = 6
+    rng = np.random.default_rng(4)
+    mask = attention.Mask.build(kind, n)
+    w = rng.normal(size=(2, n, n))
+    key_share = attention._key_term_own_share(mask, w)
+    for p in range(n):
+        for q in range(n):
+            e = np.zeros((n, n))
+            e[p, q] = e[q, p] = 1.0
+            assert mask.own_share[p, q] == pytest.approx(mask.sandwich(e)[p, q], abs=1e-14)
+            for b in range(2):
+                want = attention._mean_key_term(mask, w[b], e)[p, q]
+                assert key_share[b, p, q] == pytest.approx(want, abs=1e-12)

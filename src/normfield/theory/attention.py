@@ -36,6 +36,19 @@ where M_q, M_k are the same sums with A replaced by Abar and the actual (positio
 ``Q = E[sum_j A_ij A_i'j (1 - A_ij - A_i'j)] + E[(sum_j A_ij A_i'j)^2]`` and
 ``Q0 = (1 - 1/n1)/n2`` its value at Abar.  Tokens of different sequences have independent
 fluctuations, so their blocks keep only the mean-attention terms.
+
+Same-token companion (`kernels`: kernels given that a pair of positions holds the same token).
+Every term above that sums over pairs of keys or rows is taken from the unconditioned kernels;
+the pair's own entries enter where their weight is not small: a pair of query rows gets a and
+Q at its own correlation rho (so G_q too), the sandwiches ``Abar K_v Abar^T`` and
+``Abar^T G_o Abar`` the pair's own entries with weight `Mask.own_share`
+(``Abar_ii Abar_jj + Abar_ij Abar_ji``: 2/n^2 bidirectional, 1/((i+1)(j+1)) causal), and the
+key gradient's centred value kernel the pair's own value-kernel entry with its exact weight
+(`_key_term_own_share`; ``1 - 2/n + 2/n^2`` bidirectional).  Dropped: the pair's own entries
+in the logit moments, in the query gradient's mean term and in the key gradient's sum over
+query pairs (weight ~1/(n1 n2) each: tests/test_theory_same_token.py checks the rest against
+the maps with one pair conditioned), and the correlation of the two keys' attention columns
+(the exchangeable-key approximation applied to the pair).
 """
 
 from __future__ import annotations
@@ -129,6 +142,18 @@ class Mask:
     def pair_sets(self):
         """(n1, n2) for every pair of rows: shared and larger prefix lengths (read-only)."""
         return self._pair_sets
+
+    @cached_property
+    def own_share(self) -> np.ndarray:
+        """``Abar_ii Abar_jj + Abar_ij Abar_ji``: the weight of the entries (i, j) and (j, i) of
+        a kernel in the entry (i, j) of ``Abar K Abar^T`` (and of ``Abar^T K Abar``); 2/n^2
+        when every row sees the whole sequence, 1/((i+1)(j+1)) (i != j) for causal rows; on
+        the diagonal ``Abar_ii^2`` (one entry)."""
+        a = self.mean
+        out = np.outer(np.diag(a), np.diag(a)) + a * a.T
+        np.fill_diagonal(out, np.diag(a) ** 2)  # (i, i) of the across block: a single entry
+        out.flags.writeable = False
+        return out
 
 
 LOG_STEP = 0.05
@@ -265,6 +290,39 @@ def _mean_key_term(mask: Mask, w, kv):
             + mask.sandwich_t(w * mask.sandwich(kv)))
 
 
+def _key_term_own_share(mask: Mask, w: np.ndarray) -> np.ndarray:
+    """The weight of a kernel's entries (j, j') and (j', j) (one entry if j = j') in the entry
+    (j, j') of ``_mean_key_term(mask, w, K)``, which is linear in K (w an (n, n) matrix or a
+    stack).  With ``A2 = Abar * Abar`` (elementwise) and ``L_i`` the keys row i sees, term by
+    term of `_mean_key_term`:
+
+        Abar^T W Abar - (Abar^T W) A2 - A2^T (W Abar) + A2^T W A2 + [j != j'] S(max(j, j')),
+        S(m) = sum over rows i, i' with L_i, L_i' > m of W(i, i') / (L_i^2 L_i'^2),
+
+    the last from ``Abar_ij Abar_ij' = 1[max(j, j') < L_i] / L_i^2``; for a full mask
+    ``mean(W) (1 - 2/n + 2/n^2)`` off the diagonal and ``mean(W) (1 - 1/n)^2`` on it."""
+    n = mask.mean.shape[0]
+    if mask.full:
+        share = np.empty(w.shape)
+        share[...] = _mean(w, (-2, -1)) * (1.0 - 2.0 / n + 2.0 / n ** 2)
+        share[..., np.arange(n), np.arange(n)] = _mean(w, (-2, -1))[..., 0] * (1.0 - 1.0 / n) ** 2
+        return share
+    a = mask.mean
+    a2 = a * a
+    share = mask.sandwich_t(w) - mask.left_t(w) @ a2 - a2.T @ (w @ a) + a2.T @ w @ a2
+    lens = mask.row_len.astype(float)
+    order = np.argsort(lens, kind="stable")
+    r = (w / (lens[:, None] ** 2 * lens[None, :] ** 2))[..., order, :][..., :, order]
+    tail = np.cumsum(np.cumsum(r[..., ::-1, ::-1], axis=-2), axis=-1)[..., ::-1, ::-1]
+    square = np.concatenate((np.diagonal(tail, axis1=-2, axis2=-1),
+                             np.zeros(tail.shape[:-2] + (1,))), axis=-1)
+    rows_beyond = np.searchsorted(lens[order], np.arange(n), side="right")  # first L > m
+    idx = np.arange(n)
+    pair_term = square[..., rows_beyond][..., np.maximum(idx[:, None], idx[None, :])]
+    pair_term[..., idx, idx] = 0.0
+    return share + pair_term
+
+
 @dataclass(frozen=True)
 class Rotary:
     """RoPE (Su et al. 2021) as seen by the logit field: with R(D) = (2/d_head) sum_f
@@ -343,6 +401,7 @@ class AttentionState:
     s_k: float = 0.0  # key and value kernels per unit of input kernel
     s_v: float = 0.0
     coherent: float = 0.0  # relative variance of the input spread's common scale
+    q_fluct_same: np.ndarray | None = None  # Q - Q0 of same-token query pairs (companion)
 
 
 @dataclass(frozen=True)
@@ -365,12 +424,11 @@ class HeadSpec:
 
 
 def _qk_normalize(k: Blocks, spec: HeadSpec) -> Blocks:
-    zero = Blocks.full(k.w.shape[0], 0.0, 0.0)
-    return norm_forward(Point(k, zero, spec.d_head), "rmsnorm", spec.eps).k
+    return norm_forward(Point(k, k.zeros(), spec.d_head), "rmsnorm", spec.eps).k
 
 
 def _qk_norm_backward(raw: Blocks, normed: Blocks, g: Blocks, spec: HeadSpec) -> Blocks:
-    zero = Blocks.full(raw.w.shape[0], 0.0, 0.0)
+    zero = raw.zeros()
     return norm_backward(Point(raw, zero, spec.d_head), Point(normed, zero, spec.d_head), g,
                          "rmsnorm", spec.eps)
 
@@ -516,20 +574,33 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
                                      spread_v_set[n1 - 1])
     row_var = kq.diag * rk_rows
     qd = np.sqrt(kq.diag)
-    rho = _clip_unit(rot.apply(kq.w) / np.maximum(qd[:, None] * qd[None, :], 1e-300))
-    t1, q = softmax_moments(n1, n2, np.sqrt(row_var[:, None] * row_var[None, :]), rho, method)
-    a_fluct = _per_extra_key(t1 - 1.0 / n2, n1)
-    q_fluct = q - (1.0 - 1.0 / n1) / n2
-    gram, gram_k = gram_fluctuation(mask, kx_kv, 1.0 / width if fluct is None else fluct,
+    qd_pairs = np.maximum(qd[:, None] * qd[None, :], 1e-300)
+    v_pairs = np.sqrt(row_var[:, None] * row_var[None, :])
+
+    def moments(kq_within):  # a and Q - Q0 of the row pairs, from their query kernel
+        rho = _clip_unit(rot.apply(kq_within) / qd_pairs)
+        t1, q = softmax_moments(n1, n2, v_pairs, rho, method)
+        return _per_extra_key(t1 - 1.0 / n2, n1), q - (1.0 - 1.0 / n1) / n2
+
+    a_same = q_same = None
+    if kq.same is None:
+        a_fluct, q_fluct = moments(kq.w)
+    else:  # same-token query pairs (`kernels`): their own a and Q, one call for both
+        (a_fluct, a_same), (q_fluct, q_same) = moments(kq.a[0::2])
+    gram, gram_k = gram_fluctuation(mask, kx_kv.main, 1.0 / width if fluct is None else fluct,
                                     None if rot.identity else rot)
     s_k, s_v = var_k * width, var_v * width
     if spec.qk_norm:
         s_k *= np.mean(kk.diag) / np.mean(raw_k.diag)
-    ko = mask.sandwich(kv.a)
+    ko = mask.sandwich(kv.a[:2])
     ko[0] += a_fluct * spread_v * (1.0 + coherent)
+    if a_same is not None:  # the companion: the sums as above, its own a and share of them
+        ko = np.concatenate((ko, ko + mask.own_share * (kv.a[2:] - kv.a[:2])))
+        ko[2] += (a_same - a_fluct) * spread_v * (1.0 + coherent)
+        gram, gram_k = gram.with_same(), gram_k.with_same()
     ko += kq.a * gram.a * (s_k * s_v * (1.0 + coherent))
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv, rk, n1, raw_q, raw_k, gram, gram_k,
-                           s_k, s_v, coherent)
+                           s_k, s_v, coherent, q_same)
     return Blocks.of(ko), state
 
 
@@ -539,21 +610,28 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     cross-attention G_k and G_v live on the memory tokens)."""
     spec = spec or HeadSpec(d_head=go.w.shape[0])
     rot = Rotary.build(go.w.shape[0], spec.d_head if spec.rope else None)
-    gv = mask.sandwich_t(go.a)
+    gv = mask.sandwich_t(go.a[:2])
     gv[0] += _spread_by_set(st.a_fluct * go.w, st.n1)
-    wk = go * st.kq
+    wk = go.a[:2] * st.kq.a[:2]
+    kv, kk = st.kv.a[:2], st.kk.a[:2]
     if mask.full and rot.identity:  # the bidirectional mean terms, each kernel centred once
-        dv = _double_centred(st.kv.a)
+        dv = _double_centred(kv)
         gq = np.empty(dv.shape)
-        gq[...] = _mean((dv if st.kk is st.kv else _double_centred(st.kk.a)) * dv, (-2, -1))
-        gk = _mean(wk.a, (-2, -1)) * dv
+        gq[...] = _mean((dv if st.kk is st.kv else _double_centred(kk)) * dv, (-2, -1))
+        gk = _mean(wk, (-2, -1)) * dv
     else:
-        gq = rot.modulated(lambda k: _mean_query_term(mask, k, st.kv.a), st.kk.a)
-        gk = rot.modulated(lambda w: _mean_key_term(mask, w, st.kv.a), wk.a)
-    gq[0] += st.rv * st.rk * st.q_fluct
+        gq = rot.modulated(lambda k: _mean_query_term(mask, k, kv), kk)
+        gk = rot.modulated(lambda w: _mean_key_term(mask, w, kv), wk)
+    gk[0] += _spread_by_set(wk[0] * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
+    if st.q_fluct_same is not None:
+        gq, gk = (np.concatenate((x, x)) for x in (gq, gk))
+        gv = np.concatenate((gv, gv + mask.own_share * (go.a[2:] - go.a[:2])))
+        gq[2] += st.rv * st.rk * (st.q_fluct_same - st.q_fluct)
+        dkv = st.kv.a[2:] - kv
+        gk[2:] += rot.modulated(lambda w: _key_term_own_share(mask, w) * dkv, wk)
+    gq[0::2] += st.rv * st.rk * st.q_fluct
     gq += st.gram.a * (st.s_k * st.s_v)
     gq *= go.a * (1.0 + st.coherent)
-    gk[0] += _spread_by_set(wk.w * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
     gq, gk, gv = Blocks.of(gq), Blocks.of(gk), Blocks.of(gv)
     if spec.qk_norm:
         c2 = spec.query_scale_sq

@@ -96,7 +96,7 @@ def _cosine_moment(k: Blocks, power: int) -> float:
     n = k.w.shape[0]
     if n < 2:
         return 0.0
-    cos = cosine(k).w ** power
+    cos = cosine(k.main).w ** power
     return float((cos.sum() - cos.trace()) / (n * (n - 1)))
 
 

@@ -5,6 +5,18 @@ a kernel over token pairs (DESIGN.md section 2): ``K(i, j) = E[x_i . x_j] / widt
 one sequence form an n x n block (`Blocks.w`, "within"); tokens of two different sequences form
 a second n x n block (`Blocks.c`, "across"), the same for every pair of sequences.  The batch
 size then enters sums over all N = B n token pairs in closed form (`pair_sum`).
+
+Same-token pairs.  The kernel is an expectation over the data, in which two positions hold the
+same token with probability ``p_c = sum_v p_v^2``.  The token-embedding gradient sums the
+gradients of the positions that share a token, so it needs the gradient kernel *given* that
+two positions hold the same token, which is larger than the average pair's (their inputs
+share the token embedding).  A kernel can therefore carry a companion: the same two blocks
+conditioned on the pair's tokens being equal (`Blocks.same`).  Every map of the interpreter
+depends on the entry (i, j), the diagonal and sums over pairs, in which one pair's entries
+have weight O(1/n^2) (bidirectional attention) or 1/((i+1)(j+1)) (causal rows that see few
+keys), so the companion is propagated by the same maps evaluated at the conditioned entries,
+with the diagonal and the sums of the unconditioned kernel plus the pair's own share where
+`attention` keeps it.  Its diagonal entries are not used.
 """
 
 from __future__ import annotations
@@ -13,12 +25,13 @@ import numpy as np
 
 
 class Blocks:
-    """Within-sequence (`w`) and across-sequence (`c`) n x n blocks of a kernel.
+    """Within-sequence (`w`) and across-sequence (`c`) n x n blocks of a kernel, optionally
+    followed by their same-token companion (module docstring).
 
     Stored as one (2, n, n) float array `a` (``a[0] = w``, ``a[1] = c``; `w` and `c` are views
-    of it), so that every elementwise operation on both blocks is one numpy call.  Treated as
-    immutable (operations may return an operand itself) except where a caller fills a fresh
-    kernel's diagonal in place."""
+    of it), or (4, n, n) with the companion in ``a[2:]``, so that every elementwise operation
+    on all blocks is one numpy call.  Treated as immutable (operations may return an operand
+    itself) except where a caller fills a fresh kernel's diagonal in place."""
 
     __slots__ = ("a",)
 
@@ -52,11 +65,15 @@ class Blocks:
 
     __rmul__ = __mul__
 
-    def map(self, fn) -> "Blocks":
-        """Apply ``fn(block, diag_rows, diag_cols)`` to both blocks, where the diagonals are the
-        within-sequence self-kernels K(i, i) (the same token's variance in either block)."""
-        d = self.diag
-        return Blocks(fn(self.w, d[:, None], d[None, :]), fn(self.c, d[:, None], d[None, :]))
+    @property
+    def main(self) -> "Blocks":
+        """The (unconditioned) within and across blocks."""
+        return self if len(self.a) == 2 else Blocks.of(self.a[:2])
+
+    @property
+    def same(self) -> "Blocks | None":
+        """The same-token companion (None when the kernel carries none)."""
+        return Blocks.of(self.a[2:]) if len(self.a) == 4 else None
 
     @property
     def diag(self) -> np.ndarray:
@@ -68,17 +85,27 @@ class Blocks:
         a[0], a[1] = within, across
         return Blocks.of(a)
 
+    def with_same(self, same: "Blocks | None" = None) -> "Blocks":
+        """This kernel's main blocks followed by the companion `same` (default: the main
+        blocks themselves, for a quantity that does not depend on the pair's tokens)."""
+        return Blocks.of(np.concatenate((self.a[:2], (same or self.main).a)))
+
+    def zeros(self) -> "Blocks":
+        """A kernel of zeros with as many blocks as this one."""
+        return Blocks.of(np.zeros(self.a.shape))
+
 
 def block_sums(x: np.ndarray) -> np.ndarray:
-    """``(sum x[0], sum x[1])`` of a (2, n, n) array, each summed as ``np.sum`` sums one block."""
-    return np.add.reduce(x.reshape(2, -1), axis=1)
+    """``(sum x[0], sum x[1])`` of a (2, n, n) or (4, n, n) array (the main blocks), each
+    summed as ``np.sum`` sums one block."""
+    return np.add.reduce(x[:2].reshape(2, -1), axis=1)
 
 
 def pair_sum(k: Blocks, g: Blocks, batch_size: int) -> float:
     """``sum over all N^2 token pairs (i, j) of K(i, j) G(i, j)``: B within-sequence blocks and
     B(B-1) across-sequence blocks."""
     b = batch_size
-    w, c = block_sums(k.a * g.a)
+    w, c = block_sums(k.a[:2] * g.a[:2])
     return float(b * w + b * (b - 1) * c)
 
 

@@ -157,7 +157,7 @@ def norm_forward(x: Point, kind: str, eps: float) -> Point:
     for RMSNorm also the coordinate-mean kernel ``M/(s_i s_j)``."""
     if kind == "layernorm":
         k = _expected_cosine(x.k.a + x.m.a * -1.0, None, x.width - 1.0, eps)
-        return Point(Blocks.of(k), Blocks.full(k.shape[1], 0.0, 0.0), x.width)
+        return Point(Blocks.of(k), Blocks.of(np.zeros(k.shape)), x.width)
     scale = _norm_scale(x, kind, eps)
     inv = 1.0 / (scale[:, None] * scale[None, :])
     return Point(Blocks.of(_expected_cosine(x.k.a, x.m.a, float(x.width), eps)),
@@ -238,7 +238,7 @@ def norm_cross_forward(x: Point, cross_k: Blocks, cross_m: Blocks, kind: str,
     _, k = _scale_dof(x, kind)
     f = ((1.0 - 0.25 / k) / _norm_scale(x, kind, eps))[:, None]
     if kind == "layernorm":
-        return (cross_k + cross_m * -1.0) * f, Blocks.full(len(k), 0.0, 0.0)
+        return (cross_k + cross_m * -1.0) * f, cross_k.zeros()
     return cross_k * f, cross_m * f
 
 

@@ -10,7 +10,9 @@ keys n: the covariance of the keys' and values' realized kernels through their s
 tokens (`attention.gram_fluctuation`), O(n c), with the realized kernel's fluctuation
 amplitude c carried through the blocks (`fluctuation`: derived at the embedding, growing with
 depth); token collisions enter the kernels in expectation (probability sum_v p_v^2) and c
-through their variance.
+through their variance, and the token-embedding gradient through the kernels' same-token
+companion (`kernels`, `token_grad_sq`): the gradient kernel of two positions that hold the same
+token, propagated by the same maps at the conditioned entries.
 The loss is the mean cross-entropy over N = B n positions with targets iid from the token
 distribution.  At initialization the logit gradient is ``(p_t - e_{y_t}) / N`` and
 ``E[(p_t - e_y_t) . (p_t' - e_y_t')] = E[p_t . p_t'] - 2/V + P(y_t = y_t')`` (``1 - 2/V + E||p||^2``
@@ -49,7 +51,7 @@ def _stack_vars(arch: Arch, stack: Stack) -> dict[str, tuple[float, float]]:
 def _sym(k: Blocks) -> Blocks:
     """``C + C^T`` per block (the across block of a cross-kernel transposes by exchanging the
     two sequences)."""
-    return Blocks(k.w + k.w.T, k.c + k.c.T)
+    return Blocks.of(k.a + k.a.swapaxes(-1, -2))
 
 
 def _scaled(value, factor):
@@ -401,11 +403,30 @@ class _Block:
 
 # ---- embedding and head --------------------------------------------------------------------------
 def token_kernel(arch: Arch) -> Blocks:
-    """E[onehot(t_i) . onehot(t_j)]: 1 on the within-sequence diagonal, sum_v p_v^2 elsewhere."""
+    """E[onehot(t_i) . onehot(t_j)]: 1 on the within-sequence diagonal, p_c = sum_v p_v^2
+    elsewhere; its same-token companion (`kernels`) is 1 everywhere."""
     n, pc = arch.seq_len, collision_prob(arch)
-    k = Blocks.full(n, pc, pc)
+    k = Blocks.full(n, pc, pc).with_same(Blocks.full(n, 1.0, 1.0))
     np.fill_diagonal(k.w, 1.0)
     return k
+
+
+def token_grad_sq(arch: Arch, g: Blocks) -> float:
+    """``E||dL/dE_tok||^2`` from the gradient kernel g at the embedding sum and its same-token
+    companion G_s (`Blocks.same`, which g must carry): dL/dE_v sums ``embed_scale * g_i`` over the positions i holding token v, so
+
+        E||dL/dE||^2 = embed_scale^2 d [sum_i G(i, i) + p_c sum_{i != j} G_s(i, j)],
+
+    the sum over all N = B n positions (`pair_sum`).  A pair of positions holds the same token
+    with probability p_c, and its gradients are then more correlated than an average pair's
+    (G_s > G): with Zipfian tokens (p_c 0.03 at V 1024) the colliding pairs carry most of the
+    squared norm."""
+    n, pc = arch.seq_len, collision_prob(arch)
+    eye = Blocks(np.eye(n), np.zeros((n, n)))
+    pairs = Blocks(1.0 - np.eye(n), np.ones((n, n)))
+    b = arch.batch_size
+    return arch.embed_scale ** 2 * arch.d_model * (pair_sum(eye, g, b)
+                                                   + pc * pair_sum(pairs, g.same, b))
 
 
 def position_kernels(arch: Arch) -> tuple[Blocks, Blocks]:
@@ -431,8 +452,8 @@ def embedding_point(arch: Arch) -> Point:
     pk, pm = position_kernels(arch)
     c, c_diag = fluctuation.embedding(token_probs(arch), var, pk.w, arch.positions == "learned",
                                       arch.d_model)
-    return Point(tok + pk, tok * (1.0 / arch.d_model) + pm, arch.d_model,
-                 fluctuation.Fluct(c, c_diag, 0.0))
+    return Point(tok + pk.with_same(), tok * (1.0 / arch.d_model) + pm.with_same(),
+                 arch.d_model, fluctuation.Fluct(c, c_diag, 0.0))
 
 
 def _normed(x: Point, arch: Arch) -> Point:
@@ -460,7 +481,9 @@ def logit_gradient_kernel(arch: Arch, h: Point, method: str) -> Blocks:
 
     within = block(rho.w, pc)
     np.fill_diagonal(within, np.diag(block(np.ones_like(rho.w), 1.0)))
-    return Blocks(within, block(rho.c, pc))
+    k = Blocks(within, block(rho.c, pc))
+    same = rho.same  # the targets are iid whatever the inputs: P(y_i = y_j) = p_c still
+    return k if same is None else k.with_same(Blocks(block(same.w, pc), block(same.c, pc)))
 
 
 def head_gain_coherent_sq(arch: Arch, h: Point, method: str) -> float:
@@ -491,7 +514,7 @@ def _off_diagonal(n: int) -> np.ndarray:
 
 def stream_stats(p: Point) -> tuple[float, float, float]:
     n = p.k.w.shape[0]
-    cos = cosine(p.k)
+    cos = cosine(p.k.main)
     off = _off_diagonal(n)  # x.mean() is add.reduce(x) / x.size: the same values, less overhead
     within = float(np.add.reduce(cos.w.take(off)) / off.size) if n > 1 else float("nan")
     return (float(np.add.reduce(p.k.diag) / n), within,
@@ -508,7 +531,8 @@ class _StackRun:
         self.stack, self.memory = stack, memory
         self.blocks = [_Block(arch, block(arch, l, stack), masks, method, stack)
                        for l in range(stack.depth)]
-        self.store = stack.depth * len(self.blocks[0].steps) * 4 * n * n * 8 < STORE_LIMIT_BYTES
+        # per step: K and M, each 4 n x n blocks (the companion included) of 8 bytes
+        self.store = stack.depth * len(self.blocks[0].steps) * 8 * n * n * 8 < STORE_LIMIT_BYTES
         x = self.embedded = embedding_point(arch)
         if arch.embed_norm:
             x = _normed(x, arch)
@@ -607,7 +631,7 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
         g_embed, g = runs[i].backward(arch, g, grads_sq)
         pre = runs[i].stack.prefix
         tied = arch.tied_head and i == len(runs) - 1
-        tok_sq = arch.embed_scale ** 2 * arch.d_model * pair_sum(token_kernel(arch), g_embed, b)
+        tok_sq = token_grad_sq(arch, g_embed)
         grads_sq[pre + "embed.tok"] = np.array([tok_sq + (head_sq if tied else 0.0)])
         if arch.positions == "learned":
             eye = Blocks(np.eye(n), np.eye(n))
