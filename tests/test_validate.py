@@ -53,6 +53,9 @@ def test_variant_names_distinguish_features():
     b = Arch(placement="pre", positions="rope", qk_norm=True, norm="rmsnorm", **TINY)
     assert validate.config_name(a) != validate.config_name(b)
     assert validate.variant(b) == "relu-rmsnorm-rope-qknorm"
+    assert validate.variant(Arch(placement="pre", tokens="zipf", **TINY)) == "relu-zipf"
+    assert validate.variant(Arch(placement="pre", tokens="zipf", zipf_exponent=1.5,
+                                 **TINY)) == "relu-zipf1.5"
     archs = validate.coverage_archs()
     assert len(archs) == len(validate.COVERAGE_VARIANTS) + len(validate.COVERAGE_PRESETS)
     assert len({validate.config_name(x) for x in archs}) == len(archs)

@@ -86,7 +86,9 @@ COVERAGE_VARIANTS = (
     dict(placement="post", decoder_depth=6), dict(placement="pre", decoder_depth=6),
     dict(placement="deepnorm", decoder_depth=6), dict(placement="b2t"),
     dict(placement="b2t", mask="causal"), dict(placement="b2t", decoder_depth=6),
-    dict(placement="post"), dict(placement="post", mask="causal"))
+    dict(placement="post"), dict(placement="post", mask="causal"),
+    dict(placement="post", tokens="zipf"), dict(placement="pre", tokens="zipf"),
+    dict(placement="post", mask="causal", tokens="zipf"))
 
 
 COVERAGE_PRESETS = ("gpt2", "llama", "torch_encoder_layer", "gpt1", "bert", "vaswani2017",
@@ -98,7 +100,9 @@ def coverage_archs() -> list[Arch]:
     QK-Norm and its temperature, encoder-decoder stacks) and the presets (their own init
     schemes, biases, tied heads) at d_model 256, depth 6 (8 for Mix-LN, so that it has a
     Post-LN part; encoder-decoders 6 + 6); B2T, whose skip adds correlated operands, as an
-    encoder, a causal stack and an encoder-decoder, beside plain Post-LN of the same shapes."""
+    encoder, a causal stack and an encoder-decoder, beside plain Post-LN of the same shapes;
+    Post-LN and Pre-LN with Zipfian tokens (repeated tokens: the embedding gradient's
+    same-token pairs)."""
     from normfield import presets
 
     sizes = {k: v for k, v in COVERAGE_BASE.items() if k != "d_ff"}
@@ -114,6 +118,8 @@ def variant(arch: Arch) -> str:
         tags.append(arch.norm)
     if arch.positions != "sinusoidal":
         tags.append(arch.positions)
+    if arch.tokens != "uniform":
+        tags.append(arch.tokens if arch.zipf_exponent == 1.0 else f"zipf{arch.zipf_exponent:g}")
     if arch.embed_norm:
         tags.append("embnorm")
     if arch.qk_norm:
