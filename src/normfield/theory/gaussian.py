@@ -93,12 +93,23 @@ def pair_expectations(name: str, q1, q2, c):
     """(E[phi(u) phi(v)], E[phi'(u) phi'(v)]) for covariance [[q1, c], [c, q2]]."""
     q1, q2, c = (np.asarray(x, float) for x in (q1, q2, c))
     norm = np.sqrt(np.maximum(q1 * q2, 1e-300))
-    rho = np.minimum(np.maximum(c / norm, -1.0), 1.0)  # np.clip, without its overhead
+    # the operations below write into fresh arrays in place (the same values as the plain
+    # expressions, without a temporary per step: the kernels are stacks of n x n blocks)
+    rho = np.divide(c, norm, out=np.empty(np.broadcast_shapes(c.shape, norm.shape)))
+    np.maximum(rho, -1.0, out=rho)  # np.clip, without its overhead
+    np.minimum(rho, 1.0, out=rho)
     if name == "relu":  # sin t = sqrt((1 - rho)(1 + rho)), accurate up to |rho| = 1
-        t = np.arccos(rho)
-        rest = np.pi - t
-        return (norm * (np.sqrt((1.0 - rho) * (1.0 + rho)) + rest * rho) / (2 * np.pi),
-                rest / (2 * np.pi))
+        rest = np.arccos(rho, out=np.empty_like(rho))
+        np.subtract(np.pi, rest, out=rest)
+        value = np.subtract(1.0, rho, out=np.empty_like(rho))
+        cross = np.add(1.0, rho, out=np.empty_like(rho))
+        np.multiply(value, cross, out=value)
+        np.sqrt(value, out=value)
+        np.multiply(rest, rho, out=cross)
+        np.add(value, cross, out=value)
+        np.multiply(norm, value, out=value)
+        np.divide(value, 2 * np.pi, out=value)
+        return value, np.divide(rest, 2 * np.pi, out=rest)
     q_all = np.concatenate([q.ravel() for q in np.broadcast_arrays(q1, q2)])
     if np.ptp(q_all) <= 1e-6 * np.max(q_all):
         grid, kf, kd = _table(name, float(f"{np.mean(q_all):.9g}"))

@@ -135,7 +135,14 @@ def _expected_cosine(s: np.ndarray, mean: np.ndarray | None, dof: float, eps: fl
         inv = 1.0 / (root[:, None] * root[None, :])
         r = s * inv
         rr = ri * (0.75 * ri - 1.0)
-        return r * (1.0 + (0.5 * r * r + rr[:, None] + rr[None, :]) / dof)
+        out = np.multiply(0.5, r)  # r (1 + (r^2/2 + rr_i + rr_j)/dof), step by step in place
+        out *= r
+        out += rr[:, None]
+        out += rr[None, :]
+        out /= dof
+        out += 1.0
+        out *= r
+        return out
     m = mean
     c = s - m
     cd, md = c[0].diagonal(), m[0].diagonal()
@@ -204,10 +211,19 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float,
     base, root = 1.0 + 0.75 / ki + 0.75 / kj, np.sqrt(ki * kj)
     r2 = cosine(y.k).a
     r2 *= r2
-    kept = r2 - 1.0 if radial else 1.0  # tr(P_i P_j) = d - p + kept
-    fac = (d - p + kept) / d * (base + 0.5 * r2 / root)
+    # fac = (d - p + kept)/d * (base + r2/(2 root)), kept = r2 - 1 (tr(P_i P_j) = d - p + kept),
+    # step by step in place
+    fac = np.subtract(r2, 1.0) if radial else np.full(r2.shape, 1.0)
+    np.add(d - p, fac, out=fac)
+    fac /= d
+    jensen = np.multiply(0.5, r2, out=r2)
+    jensen /= root
+    np.add(base, jensen, out=jensen)
+    fac *= jensen
     fac[0].reshape(-1)[::fac.shape[-1] + 1] = (d - p + (0.0 if radial else 1.0)) / d * k / (k - 2)
-    return Blocks.of(g.a * fac * (1.0 / (scale[:, None] * scale[None, :])))
+    out = g.a * fac
+    out *= 1.0 / (scale[:, None] * scale[None, :])
+    return Blocks.of(out)
 
 
 def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
