@@ -102,3 +102,25 @@ def test_embedding_gradient_with_frequent_collisions_matches_the_probe(placement
     theory = predict(arch).grads["embed.tok"][0]
     value, se = measured.grads["embed.tok"][0], measured.stderr["embed.tok"][0]
     assert abs(theory / value - 1) <= 3 * se / value + 0.03
+
+
+def test_cross_attention_companions_do_not_mix_the_two_streams():
+    # the decoder's same-token pairs condition the queries, the encoder's the keys and values:
+    # the output's companion must not read the memory's, nor the value gradient's the output
+    # gradient's (they concern different tokens at the same positions)
+    rng = np.random.default_rng(7)
+    kx, kx_same = _kernel(rng, shift=0.3)
+    mem, mem_same = _kernel(rng, shift=0.4)
+    go, go_same = _kernel(rng, shift=0.2)
+    mask = attention.Mask.build("bidirectional", N)
+    args = (mask, 1.0 / 256, 1.5 / 256, 1.0 / 256, 256)
+    outs, values = [], []
+    for memory in (mem.with_same(mem_same), mem.with_same()):
+        ko, st = attention.forward(kx.with_same(kx_same), *args, kx_memory=memory)
+        outs.append(ko.same.a)
+    for out_grad in (go.with_same(go_same), go.with_same()):
+        ko, st = attention.forward(kx.with_same(kx_same), *args,
+                                   kx_memory=mem.with_same(mem_same))
+        values.append(attention.backward(out_grad, mask, st)[2].same.a)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(values[0], values[1])

@@ -101,8 +101,8 @@ def coverage_archs() -> list[Arch]:
     schemes, biases, tied heads) at d_model 256, depth 6 (8 for Mix-LN, so that it has a
     Post-LN part; encoder-decoders 6 + 6); B2T, whose skip adds correlated operands, as an
     encoder, a causal stack and an encoder-decoder, beside plain Post-LN of the same shapes;
-    Post-LN and Pre-LN with Zipfian tokens (repeated tokens: the embedding gradient's
-    same-token pairs)."""
+    Post-LN (bidirectional and causal) and Pre-LN with Zipfian tokens (repeated tokens: the
+    embedding gradient's same-token pairs)."""
     from normfield import presets
 
     sizes = {k: v for k, v in COVERAGE_BASE.items() if k != "d_ff"}

@@ -48,7 +48,9 @@ key gradient's centred value kernel the pair's own value-kernel entry with its e
 in the logit moments, in the query gradient's mean term and in the key gradient's sum over
 query pairs (weight ~1/(n1 n2) each: tests/test_theory_same_token.py checks the rest against
 the maps with one pair conditioned), and the correlation of the two keys' attention columns
-(the exchangeable-key approximation applied to the pair).
+(the exchangeable-key approximation applied to the pair).  In cross-attention the queries'
+companion (decoder tokens) and the keys' and values' (encoder tokens) are different events:
+neither reads the other's entries.
 """
 
 from __future__ import annotations
@@ -402,6 +404,7 @@ class AttentionState:
     s_v: float = 0.0
     coherent: float = 0.0  # relative variance of the input spread's common scale
     q_fluct_same: np.ndarray | None = None  # Q - Q0 of same-token query pairs (companion)
+    cross: bool = False  # queries and keys/values from different streams (cross-attention)
 
 
 @dataclass(frozen=True)
@@ -595,12 +598,15 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     ko = mask.sandwich(kv.a[:2])
     ko[0] += a_fluct * spread_v * (1.0 + coherent)
     if a_same is not None:  # the companion: the sums as above, its own a and share of them
-        ko = np.concatenate((ko, ko + mask.own_share * (kv.a[2:] - kv.a[:2])))
+        # (a pair of query positions holding the same token says nothing of the memory tokens
+        # at those positions: cross-attention takes the values' unconditioned entries)
+        own = 0.0 if kx_memory is not None else mask.own_share * (kv.a[2:] - kv.a[:2])
+        ko = np.concatenate((ko, ko + own))
         ko[2] += (a_same - a_fluct) * spread_v * (1.0 + coherent)
         gram, gram_k = gram.with_same(), gram_k.with_same()
     ko += kq.a * gram.a * (s_k * s_v * (1.0 + coherent))
     state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv, rk, n1, raw_q, raw_k, gram, gram_k,
-                           s_k, s_v, coherent, q_same)
+                           s_k, s_v, coherent, q_same, kx_memory is not None)
     return Blocks.of(ko), state
 
 
@@ -625,7 +631,10 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     gk[0] += _spread_by_set(wk[0] * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
     if st.q_fluct_same is not None:
         gq, gk = (np.concatenate((x, x)) for x in (gq, gk))
-        gv = np.concatenate((gv, gv + mask.own_share * (go.a[2:] - go.a[:2])))
+        # cross-attention: a memory pair holding the same token says nothing of the output
+        # gradient at those (query) positions
+        own = 0.0 if st.cross else mask.own_share * (go.a[2:] - go.a[:2])
+        gv = np.concatenate((gv, gv + own))
         gq[2] += st.rv * st.rk * (st.q_fluct_same - st.q_fluct)
         dkv = st.kv.a[2:] - kv
         gk[2:] += rot.modulated(lambda w: _key_term_own_share(mask, w) * dkv, wk)
