@@ -121,12 +121,14 @@ def test_vmap_over_seeds_equals_loop_over_one_seed():
         loop = [jax.tree_util.tree_map(np.asarray, single(k)) for k in keys]
     assert set(prof.per_seed_sq) == set(loop[0][0])
     for name, values in prof.per_seed_sq.items():
-        expect = np.stack([sq[name] for sq, _ in loop])
+        expect = np.stack([sq[name] for sq, _, _ in loop])
         assert values.shape == expect.shape == (SEEDS, ARCH.depth if expect.shape[1] > 1 else 1)
         _sq_close(name, values, expect, prof.per_seed_sq)
         if name not in ZERO_GRAD:
             np.testing.assert_allclose(prof.grads[name], np.sqrt(expect.mean(axis=0)), rtol=1e-5)
-    stats = np.stack([st[""] for _, st in loop])  # (seeds, depth + 1, 3)
+    for name, values in prof.per_seed_collisions.items():
+        np.testing.assert_array_equal(values, [c[name] for _, _, c in loop])
+    stats = np.stack([st[""] for _, st, _ in loop])  # (seeds, depth + 1, 3)
     np.testing.assert_allclose(prof.activations["sq_norm"], stats[:, :, 0].mean(0), rtol=1e-5)
     np.testing.assert_allclose(prof.activations["cos_within"], stats[:, :, 1].mean(0),
                                rtol=1e-4, atol=1e-6)
@@ -152,6 +154,8 @@ def test_same_key_is_bit_identical_and_other_key_differs():
 def test_grads_and_stderr_follow_from_per_seed_squares():
     prof = measured()
     assert prof.meta["seeds"] == SEEDS and prof.meta["key"] == KEY
+    # 8 seeds are too few for control variates on 2 collision counts (`seed_moments`)
+    assert prof.meta["estimator"] == "mean"
     for name, sq in prof.per_seed_sq.items():
         n = sq.shape[0]
         mean = sq.sum(axis=0) / n
@@ -168,10 +172,10 @@ def _inject(monkeypatch, name, seed, layer, value):
     real = measure._run_chunk
 
     def fake(arch, precision, keys, **kw):
-        sq, stats = real(arch, precision, keys, **kw)
+        sq, stats, coll = real(arch, precision, keys, **kw)
         sq = dict(sq)
         sq[name] = sq[name].at[seed, layer].set(value)
-        return sq, stats
+        return sq, stats, coll
 
     monkeypatch.setattr(measure, "_run_chunk", fake)
 
@@ -262,17 +266,31 @@ def test_sharded_seed_axis_equals_single_device():
 
 def test_pooled_seed_blocks_are_one_measurement_over_all_seeds():
     """Two independent blocks (keys 3 and 4) pooled: the norms and delta-method standard errors
-    of the concatenated per-seed squared norms (recomputed here in plain numpy), the stream
-    statistics as seed-weighted means; bad block lists are refused by name."""
+    of the concatenated per-seed squared norms, with control variates on the concatenated
+    collision counts (16 seeds: enough for 3 coefficients; the least-squares intercept and its
+    standard error recomputed here from the normal equations), the stream statistics as
+    seed-weighted means; bad block lists are refused by name."""
     a, b = measured(KEY), measured(KEY + 1)
     pooled = pool_seed_blocks([a, b])
     assert pooled.meta["seeds"] == 2 * SEEDS and pooled.meta["key"] == [KEY, KEY + 1]
+    assert pooled.meta["estimator"] == "control variates: targets, tokens.within"
+    count = {n: np.concatenate([a.per_seed_collisions[n], b.per_seed_collisions[n]])
+             for n in a.per_seed_collisions}
+    p_c = 1.0 / ARCH.vocab_size
+    z_targets = count["targets.within"] + count["targets.across"] - 10 * 9 * p_c
+    z_tokens = count["tokens.within"] - 2 * 5 * 4 * p_c
+    x = np.column_stack([np.ones(2 * SEEDS), z_targets, z_tokens])
+    inv = np.linalg.inv(x.T @ x)
     for name in a.grads:
         sq = np.concatenate([a.per_seed_sq[name], b.per_seed_sq[name]])
-        mean = sq.mean(axis=0)
-        np.testing.assert_allclose(pooled.grads[name], np.sqrt(mean), rtol=1e-12)
-        se = sq.std(axis=0, ddof=1) / np.sqrt(2 * SEEDS) / (2 * np.sqrt(mean))
-        np.testing.assert_allclose(pooled.stderr[name], se, rtol=1e-12)
+        coef = inv @ x.T @ sq
+        resid = sq - x @ coef
+        se_mean = np.sqrt(np.sum(resid ** 2, axis=0) / (2 * SEEDS - 3) * inv[0, 0])
+        if name in ZERO_GRAD:
+            continue
+        np.testing.assert_allclose(pooled.grads[name], np.sqrt(coef[0]), rtol=1e-9)
+        np.testing.assert_allclose(pooled.stderr[name], se_mean / (2 * np.sqrt(coef[0])),
+                                   rtol=1e-7)
     for key in a.activations:
         np.testing.assert_allclose(pooled.activations[key],
                                    (a.activations[key] + b.activations[key]) / 2, rtol=1e-12)

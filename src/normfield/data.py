@@ -23,6 +23,27 @@ def collision_prob(arch) -> float:
     return float(np.sum(p * p))
 
 
+def token_arrays(arch) -> tuple[str, ...]:
+    """Names of the batch's token arrays, each (batch_size, seq_len) iid from `token_probs`:
+    the input tokens and the targets, and an encoder-decoder's source tokens before them."""
+    return (("source",) if arch.decoder_depth else ()) + ("tokens", "targets")
+
+
+def expected_collisions(arch) -> dict[str, float]:
+    """Exact expectations of the batch's token collision counts (`probe.measure.collisions`):
+    for every token array, ``<array>.within`` = the number of ordered pairs of distinct
+    positions of one sequence holding the same token, ``B n (n - 1) p_c``, and
+    ``<array>.across`` = the same over pairs of positions in different sequences,
+    ``B (B - 1) n^2 p_c`` (p_c = `collision_prob`).  The theory uses p_c itself; these counts
+    are what a seed actually drew (the measurement's control variates, `profile.seed_moments`)."""
+    b, n, p_c = arch.batch_size, arch.seq_len, collision_prob(arch)
+    out = {}
+    for name in token_arrays(arch):
+        out[name + ".within"] = b * n * (n - 1) * p_c
+        out[name + ".across"] = b * (b - 1) * n * n * p_c
+    return out
+
+
 def sinusoidal_positions(seq_len: int, d_model: int) -> np.ndarray:
     """Vaswani et al. 2017, section 3.5: PE[t, 2i] = sin(t / 10000^(2i/d)),
     PE[t, 2i+1] = cos(t / 10000^(2i/d)); shape (seq_len, d_model), float64."""

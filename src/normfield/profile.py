@@ -3,10 +3,12 @@
 For every parameter name (canonical, shared by both sides: ``attn.q attn.k attn.v attn.o ffn.w1
 ffn.w2 ffn.w3 norm1.scale ...`` per layer, and ``embed.tok embed.pos head.out final_norm.scale``
 once) it holds ``sqrt(E ||dL/dW||_F^2)``: predicted by the theory, or measured as
-``sqrt(mean over seeds of ||dL/dW||_F^2)`` with its standard error (delta method) and the per-seed
-squared norms.  Per-layer arrays have length ``depth`` (index 0 = block nearest the input);
-non-layer parameters have length 1.  Measurements of one configuration made with different
-keys pool into one measurement over all their seeds (`pool_seed_blocks`).
+``sqrt(mean over seeds of ||dL/dW||_F^2)`` (or its control-variate version on the token
+collisions the seeds drew, `seed_moments`) with its standard error (delta method), the per-seed
+squared norms and the per-seed collision counts.  Per-layer arrays have length ``depth``
+(index 0 = block nearest the input); non-layer parameters have length 1.  Measurements of one
+configuration made with different keys pool into one measurement over all their seeds
+(`pool_seed_blocks`).
 
 Forward statistics (`activations`) are given at the residual-stream points 0..depth (0 = the
 embedding output, l = the output of block l):
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from normfield.arch import Arch
+from normfield.data import expected_collisions
 
 ACTIVATION_KEYS = ("sq_norm", "cos_within", "cos_across")
 
@@ -59,19 +62,77 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
-def seed_moments(per_seed_sq: dict) -> tuple[dict, dict]:
-    """``sqrt(mean over seeds)`` of per-seed squared norms ((seeds, layers) arrays) and its
-    standard error by the delta method, ``se(mean) / (2 sqrt(mean))``, per parameter (NaN
-    standard errors from a single seed)."""
+SEEDS_PER_COEFFICIENT = 4  # control variates need at least this many seeds per fitted coefficient
+
+
+def control_covariates(arch: Arch, per_seed_collisions: dict | None) -> dict | None:
+    """The control variates of `seed_moments`: the seeds' token collision counts
+    (`probe.measure.collisions`) minus their exact expectations (`data.expected_collisions`).
+
+    Two kinds: the targets' collisions over all pairs of positions (``targets``: the loss's
+    logit-gradient kernel has the term ``1[y_i = y_j]`` at every pair, within a sequence or
+    across), and each input array's collisions within a sequence (``tokens.within``, and an
+    encoder-decoder's ``source.within``: the input tokens meet through attention, inside a
+    sequence).  Input collisions across sequences reach the gradients only through the
+    across-sequence kernel: as a covariate they explain nothing measurable (the medium and
+    coverage grids) and each unneeded coefficient costs variance."""
+    if not per_seed_collisions:
+        return None
+    expected = expected_collisions(arch)
+    centred = {n: np.asarray(v, np.float64) - expected[n] for n, v in per_seed_collisions.items()}
+    out = {"targets": centred["targets.within"] + centred["targets.across"]}
+    out.update({n: z for n, z in centred.items()
+                if n.endswith(".within") and not n.startswith("targets")})
+    return out
+
+
+def _design(covariates: dict | None, seeds: int) -> tuple[np.ndarray | None, list[str]]:
+    """``[1, z_1, ..., z_p]`` over the covariates that vary across the seeds, or None when there
+    are none, fewer than `SEEDS_PER_COEFFICIENT` seeds per coefficient, or collinear ones."""
+    used = [n for n, z in (covariates or {}).items() if np.ptp(z) > 0]
+    if not used or seeds < SEEDS_PER_COEFFICIENT * (len(used) + 1):
+        return None, []
+    design = np.column_stack([np.ones(seeds)] + [covariates[n] for n in used])
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        return None, []
+    return design, used
+
+
+def seed_moments(per_seed_sq: dict, covariates: dict | None = None) -> tuple[dict, dict, str]:
+    """``sqrt(E||dL/dW||^2)`` per parameter from per-seed squared norms ((seeds, layers)
+    arrays), its standard error by the delta method, ``se(mean) / (2 sqrt(mean))`` (NaN from a
+    single seed), and the name of the estimator of the mean.
+
+    Without `covariates` the mean over seeds.  With them (per-seed statistics minus their exact
+    expectations, `control_covariates`: what the batch's tokens and targets drew) the
+    control-variate estimate: the intercept of the least-squares fit ``sq ~ 1 + z`` (E z = 0,
+    so the intercept estimates E sq; e.g. Glasserman 2003, "Monte Carlo Methods in Financial
+    Engineering", section 4.1), its standard error the fit's, ``s^2 [(X^T X)^-1]_00``.  It
+    removes the share of the seed-to-seed variance that the draw of token collisions explains
+    (head.out of a Zipfian batch: its squared norm and the target collisions correlate at
+    0.99).  Covariates that do not vary are dropped; with fewer than `SEEDS_PER_COEFFICIENT`
+    seeds per coefficient the plain mean is used; an intercept <= 0 (a nonnegative quantity)
+    falls back to the mean for that entry."""
+    names = list(per_seed_sq)
+    seeds = per_seed_sq[names[0]].shape[0] if names else 0
+    design, used = _design(covariates, seeds)
     grads, stderr = {}, {}
-    for name, sq in per_seed_sq.items():
-        seeds = sq.shape[0]
+    for name in names:
+        sq = per_seed_sq[name]
         mean = sq.mean(axis=0)
         se_mean = (sq.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1
                    else np.full_like(mean, np.nan))
+        if design is not None:
+            coef, *_ = np.linalg.lstsq(design, sq, rcond=None)
+            resid = sq - design @ coef
+            var = np.sum(resid * resid, axis=0) / (seeds - design.shape[1])
+            se_fit = np.sqrt(var * np.linalg.inv(design.T @ design)[0, 0])
+            ok = coef[0] > 0
+            mean, se_mean = np.where(ok, coef[0], mean), np.where(ok, se_fit, se_mean)
         grads[name] = np.sqrt(mean)
         stderr[name] = se_mean / (2.0 * np.sqrt(np.maximum(mean, 1e-300)))
-    return grads, stderr
+    estimator = "control variates: " + ", ".join(used) if used else "mean"
+    return grads, stderr, estimator
 
 
 @dataclass
@@ -82,6 +143,7 @@ class GradProfile:
     activations: dict[str, np.ndarray]
     stderr: dict[str, np.ndarray] | None = None
     per_seed_sq: dict[str, np.ndarray] | None = None
+    per_seed_collisions: dict[str, np.ndarray] | None = None
     activations_stderr: dict[str, np.ndarray] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -90,6 +152,7 @@ class GradProfile:
         self.activations = _arrays(self.activations)
         self.stderr = _arrays(self.stderr)
         self.per_seed_sq = _arrays(self.per_seed_sq)
+        self.per_seed_collisions = _arrays(self.per_seed_collisions)
         self.activations_stderr = _arrays(self.activations_stderr)
 
     # ---- access ------------------------------------------------------------------------------
@@ -126,6 +189,7 @@ class GradProfile:
         return {"arch": self.arch.to_dict(), "source": self.source, "grads": _lists(self.grads),
                 "activations": _lists(self.activations), "stderr": _lists(self.stderr),
                 "per_seed_sq": _lists(self.per_seed_sq),
+                "per_seed_collisions": _lists(self.per_seed_collisions),
                 "activations_stderr": _lists(self.activations_stderr), "meta": self.meta}
 
     @classmethod
@@ -146,9 +210,10 @@ class GradProfile:
 def pool_seed_blocks(blocks: list[GradProfile]) -> GradProfile:
     """One measurement over all the seeds of independent seed blocks of one configuration
     (probe profiles of the same arch and precision, measured with distinct keys): the per-seed
-    squared norms are concatenated, so the norms and standard errors are those of a single
-    measurement over every seed.  Stream statistics (kept as per-block means) are pooled as
-    the seed-weighted mean of the block means, with standard error
+    squared norms (and collision counts, where every block has them) are concatenated, so the
+    norms and standard errors are those of a single measurement over every seed.  Stream
+    statistics (kept as per-block means) are pooled as the seed-weighted mean of the block
+    means, with standard error
     ``sqrt(sum_b (s_b se_b)^2) / sum_b s_b``.  A single block is returned as it is.
     ValueError for an empty list, a block without per-seed norms, mixed archs or precisions,
     or a repeated key."""
@@ -172,7 +237,11 @@ def pool_seed_blocks(blocks: list[GradProfile]) -> GradProfile:
         raise ValueError(f"invalid block keys={keys!r}: expected distinct keys (independent "
                          "seed blocks)")
     per_seed = {n: np.concatenate([p.per_seed_sq[n] for p in blocks]) for n in first.per_seed_sq}
-    grads, stderr = seed_moments(per_seed)
+    coll = None
+    if all(p.per_seed_collisions for p in blocks):
+        coll = {n: np.concatenate([p.per_seed_collisions[n] for p in blocks])
+                for n in first.per_seed_collisions}
+    grads, stderr, estimator = seed_moments(per_seed, control_covariates(first.arch, coll))
     counts = np.array([p.meta["seeds"] for p in blocks], float)
     total = counts.sum()
     acts = {k: sum(c * p.activations[k] for c, p in zip(counts, blocks)) / total
@@ -180,8 +249,8 @@ def pool_seed_blocks(blocks: list[GradProfile]) -> GradProfile:
     acts_se = {k: np.sqrt(sum((c * p.activations_stderr[k]) ** 2
                               for c, p in zip(counts, blocks))) / total
                for k in (first.activations_stderr or {})}
-    meta = {**first.meta, "seeds": int(total), "key": keys,
+    meta = {**first.meta, "seeds": int(total), "key": keys, "estimator": estimator,
             "seconds": sum(p.meta.get("seconds", 0.0) for p in blocks)}
     return GradProfile(arch=first.arch, source="probe", grads=grads, stderr=stderr,
-                       per_seed_sq=per_seed, activations=acts, activations_stderr=acts_se,
-                       meta=meta)
+                       per_seed_sq=per_seed, per_seed_collisions=coll, activations=acts,
+                       activations_stderr=acts_se, meta=meta)

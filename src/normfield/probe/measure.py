@@ -19,9 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from normfield.arch import check_choice, check_int
-from normfield.data import token_probs
+from normfield.data import token_arrays, token_probs
 from normfield.probe.model import PRECISIONS, loss_fn, init_params
-from normfield.profile import ACTIVATION_KEYS, GradProfile, seed_moments
+from normfield.profile import ACTIVATION_KEYS, GradProfile, control_covariates, seed_moments
 
 MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default"}
 
@@ -46,6 +46,24 @@ def sample_batch(arch, key):
     return draw(k_tok), draw(k_tgt)
 
 
+def collisions(arch, tokens, targets) -> dict:
+    """The batch's token collision counts, per token array (`data.token_arrays`): ordered
+    pairs of distinct positions holding the same token within one sequence (``.within``) and
+    in different sequences (``.across``), from per-sequence token counts c_sv:
+    ``within = sum_sv c_sv^2 - B n``, ``within + across = sum_v (sum_s c_sv)^2 - B n``.
+    float32 on device (exact while the sums stay below 2^24); their exact expectations are
+    `data.expected_collisions`."""
+    arrays = (*tokens, targets) if arch.decoder_depth else (tokens, targets)
+    out = {}
+    for name, batch in zip(token_arrays(arch), arrays):
+        counts = jax.vmap(partial(jnp.bincount, length=arch.vocab_size))(batch)
+        counts = counts.astype(jnp.float32)
+        within = jnp.sum(counts * counts) - batch.size
+        total = jnp.sum(jnp.square(counts.sum(axis=0))) - batch.size
+        out[name + ".within"], out[name + ".across"] = within, total - within
+    return out
+
+
 def _squared_norms(grads) -> dict:
     """Per-layer squared norms of each stack's stacked parameters (names with the stack
     prefix), and the squared norms of the global parameters (length-1 arrays)."""
@@ -61,15 +79,15 @@ def _squared_norms(grads) -> dict:
 
 
 def one_seed(arch, precision, key, remat=False, unroll=False):
-    """Per-parameter squared gradient norms and stream statistics for one seed (`unroll`: the
-    layers as a Python loop instead of one `lax.scan`; same numbers, compile time grows with
-    depth)."""
+    """Per-parameter squared gradient norms, stream statistics and the batch's token
+    collision counts (`collisions`) for one seed (`unroll`: the layers as a Python loop
+    instead of one `lax.scan`; same numbers, compile time grows with depth)."""
     k_param, k_data = jax.random.split(key)
     params = init_params(arch, k_param)
     tokens, targets = sample_batch(arch, k_data)
     loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll)
     grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
-    return _squared_norms(grads), stats
+    return _squared_norms(grads), stats, collisions(arch, tokens, targets)
 
 
 @partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "unroll"))
@@ -111,6 +129,11 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
                        chunk: int | None = None, remat: bool = False,
                        unroll: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
+
+    The mean over seeds is the control-variate estimate on the token collisions each seed's
+    batch drew (`collisions`, whose expectations are exact; `profile.seed_moments`) when there
+    are at least 4 seeds per fitted coefficient, else the plain mean: ``meta["estimator"]``
+    names it, ``per_seed_sq`` keeps the raw squared norms.
 
     Args:
       seeds: number of independent initializations (each with its own data).
@@ -164,8 +187,9 @@ def _sweep(archs, seeds, key, precision, chunk, options):
 
 def _profile(arch, parts, seeds, key, precision, options, elapsed) -> GradProfile:
     """The GradProfile of fetched chunk results; NonFiniteGradientError on NaN or inf."""
-    sq_parts, stat_parts = [p[0] for p in parts], [p[1] for p in parts]
+    sq_parts, stat_parts, coll_parts = zip(*parts)
     per_seed = {n: np.concatenate([p[n] for p in sq_parts]).astype(np.float64) for n in sq_parts[0]}
+    coll = {n: np.concatenate([p[n] for p in coll_parts]).astype(np.float64) for n in coll_parts[0]}
     stats = {prefix: np.concatenate([p[prefix] for p in stat_parts]).astype(np.float64)
              for prefix in stat_parts[0]}  # stack prefix -> (seeds, depth + 1, 3)
     for name, values in per_seed.items():
@@ -175,7 +199,7 @@ def _profile(arch, parts, seeds, key, precision, options, elapsed) -> GradProfil
             raise NonFiniteGradientError(
                 f"non-finite gradient norm of {name!r} (layer {layer}) at seed {seed} "
                 f"of key={key}; {len(bad)} entries affected")
-    grads, stderr = seed_moments(per_seed)
+    grads, stderr, estimator = seed_moments(per_seed, control_covariates(arch, coll))
     acts, acts_se = {}, {}
     for prefix, st in stats.items():
         for i, k in enumerate(ACTIVATION_KEYS):
@@ -185,10 +209,11 @@ def _profile(arch, parts, seeds, key, precision, options, elapsed) -> GradProfil
                                    else np.full(values.shape[1], np.nan))
         if arch.batch_size == 1:
             acts[prefix + "cos_across"] = np.full(st.shape[1], np.nan)
-    meta = {"seeds": seeds, "key": key, "precision": precision, **options,
+    meta = {"seeds": seeds, "key": key, "precision": precision, "estimator": estimator, **options,
             "jax_version": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),
             "platform": platform.platform(), "seconds": elapsed,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return GradProfile(arch=arch, source="probe", grads=grads, stderr=stderr, per_seed_sq=per_seed,
-                       activations=acts, activations_stderr=acts_se, meta=meta)
+                       per_seed_collisions=coll, activations=acts, activations_stderr=acts_se,
+                       meta=meta)
