@@ -100,11 +100,12 @@ def test_plain_mean_without_usable_covariates():
     plain = seed_moments(sq)
     # a covariate that never varies carries nothing: dropped
     only_constant = seed_moments(sq, {"c": np.zeros(64) - 1.5})
-    # fewer than 4 seeds per coefficient (3 coefficients need 12 seeds)
-    few = seed_moments({"w": sq["w"][:11]}, {k: v[:11] for k, v in z.items()})
+    # fewer than 10 seeds per coefficient (3 coefficients need 30 seeds)
+    few = seed_moments({"w": sq["w"][:29]}, {k: v[:29] for k, v in z.items()})
     np.testing.assert_array_equal(only_constant[0]["w"], plain[0]["w"])
     assert only_constant[2] == "mean" and few[2] == "mean"
-    np.testing.assert_allclose(few[0]["w"], np.sqrt(sq["w"][:11].mean(axis=0)), rtol=1e-12)
+    np.testing.assert_allclose(few[0]["w"], np.sqrt(sq["w"][:29].mean(axis=0)), rtol=1e-12)
+    assert seed_moments({"w": sq["w"][:30]}, {k: v[:30] for k, v in z.items()})[2] != "mean"
     # one varying covariate among constant ones is used alone
     assert seed_moments(sq, {"a": z["a"], "c": np.zeros(64)})[2] == "control variates: a"
 

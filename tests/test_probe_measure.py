@@ -154,7 +154,7 @@ def test_same_key_is_bit_identical_and_other_key_differs():
 def test_grads_and_stderr_follow_from_per_seed_squares():
     prof = measured()
     assert prof.meta["seeds"] == SEEDS and prof.meta["key"] == KEY
-    # 8 seeds are too few for control variates on 2 collision counts (`seed_moments`)
+    # 8 seeds are too few for control variates on 2 collision counts (`seed_moments`: 30)
     assert prof.meta["estimator"] == "mean"
     for name, sq in prof.per_seed_sq.items():
         n = sq.shape[0]
@@ -265,27 +265,29 @@ def test_sharded_seed_axis_equals_single_device():
 
 
 def test_pooled_seed_blocks_are_one_measurement_over_all_seeds():
-    """Two independent blocks (keys 3 and 4) pooled: the norms and delta-method standard errors
+    """Four independent blocks (keys 3-6) pooled: the norms and delta-method standard errors
     of the concatenated per-seed squared norms, with control variates on the concatenated
-    collision counts (16 seeds: enough for 3 coefficients; the least-squares intercept and its
+    collision counts (32 seeds: enough for 3 coefficients; the least-squares intercept and its
     standard error recomputed here from the normal equations), the stream statistics as
     seed-weighted means; bad block lists are refused by name."""
-    a, b = measured(KEY), measured(KEY + 1)
-    pooled = pool_seed_blocks([a, b])
-    assert pooled.meta["seeds"] == 2 * SEEDS and pooled.meta["key"] == [KEY, KEY + 1]
+    blocks = [measured(KEY + i) for i in range(4)]
+    a, b = blocks[:2]
+    pooled = pool_seed_blocks(blocks)
+    assert pooled.meta["seeds"] == 4 * SEEDS and pooled.meta["key"] == [KEY + i for i in range(4)]
     assert pooled.meta["estimator"] == "control variates: targets, tokens.within"
-    count = {n: np.concatenate([a.per_seed_collisions[n], b.per_seed_collisions[n]])
+    assert pool_seed_blocks([a, b]).meta["estimator"] == "mean"  # 16 seeds: too few
+    count = {n: np.concatenate([p.per_seed_collisions[n] for p in blocks])
              for n in a.per_seed_collisions}
     p_c = 1.0 / ARCH.vocab_size
     z_targets = count["targets.within"] + count["targets.across"] - 10 * 9 * p_c
     z_tokens = count["tokens.within"] - 2 * 5 * 4 * p_c
-    x = np.column_stack([np.ones(2 * SEEDS), z_targets, z_tokens])
+    x = np.column_stack([np.ones(4 * SEEDS), z_targets, z_tokens])
     inv = np.linalg.inv(x.T @ x)
     for name in a.grads:
-        sq = np.concatenate([a.per_seed_sq[name], b.per_seed_sq[name]])
+        sq = np.concatenate([p.per_seed_sq[name] for p in blocks])
         coef = inv @ x.T @ sq
         resid = sq - x @ coef
-        se_mean = np.sqrt(np.sum(resid ** 2, axis=0) / (2 * SEEDS - 3) * inv[0, 0])
+        se_mean = np.sqrt(np.sum(resid ** 2, axis=0) / (4 * SEEDS - 3) * inv[0, 0])
         if name in ZERO_GRAD:
             continue
         np.testing.assert_allclose(pooled.grads[name], np.sqrt(coef[0]), rtol=1e-9)
@@ -293,10 +295,10 @@ def test_pooled_seed_blocks_are_one_measurement_over_all_seeds():
                                    rtol=1e-7)
     for key in a.activations:
         np.testing.assert_allclose(pooled.activations[key],
-                                   (a.activations[key] + b.activations[key]) / 2, rtol=1e-12)
+                                   sum(p.activations[key] for p in blocks) / 4, rtol=1e-12)
         np.testing.assert_allclose(
             pooled.activations_stderr[key],
-            np.hypot(a.activations_stderr[key], b.activations_stderr[key]) / 2, rtol=1e-12)
+            np.sqrt(sum(p.activations_stderr[key] ** 2 for p in blocks)) / 4, rtol=1e-12)
     assert pool_seed_blocks([a]) is a
     with pytest.raises(ValueError, match="keys="):
         pool_seed_blocks([a, a])

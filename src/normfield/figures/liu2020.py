@@ -17,21 +17,22 @@ from normfield import plot
 from normfield.figures.common import Context, Result, new_figure, ratio
 from normfield.figures.xiong_fig3 import FULL, STACKS, encoder_decoder
 from normfield.placements import layer_params
+from normfield.profile import control_covariates, seed_moments
 
 TITLE = "Liu et al. 2020 (Admin) Fig. 3: per-layer gradient norm, encoder then decoder"
 
 
 def layer_total(profile, prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-layer ``sqrt(sum of squared weight-gradient norms)`` of one stack, and (probe) its
-    standard error over seeds (delta method on the per-seed sums)."""
+    standard error over seeds (the probe's estimator, `seed_moments`, on the per-seed sums)."""
     names = [n for n in layer_params(profile.arch)
              if n.startswith(prefix) and not n.endswith((".scale", ".bias"))]
-    total_sq = sum(profile.grads[n] ** 2 for n in names)
     if profile.per_seed_sq is None:
-        return np.sqrt(total_sq), None
-    per_seed = sum(profile.per_seed_sq[n] for n in names)  # (seeds, layers)
-    se_sq = per_seed.std(axis=0, ddof=1) / np.sqrt(per_seed.shape[0])
-    return np.sqrt(total_sq), se_sq / (2.0 * np.sqrt(total_sq))
+        return np.sqrt(sum(profile.grads[n] ** 2 for n in names)), None
+    per_seed = {"total": sum(profile.per_seed_sq[n] for n in names)}  # (seeds, layers)
+    covariates = control_covariates(profile.arch, profile.per_seed_collisions)
+    norm, stderr, _ = seed_moments(per_seed, covariates)
+    return norm["total"], stderr["total"]
 
 
 def make(ctx: Context) -> list[Result]:

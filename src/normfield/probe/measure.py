@@ -132,8 +132,9 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
 
     The mean over seeds is the control-variate estimate on the token collisions each seed's
     batch drew (`collisions`, whose expectations are exact; `profile.seed_moments`) when there
-    are at least 4 seeds per fitted coefficient, else the plain mean: ``meta["estimator"]``
-    names it, ``per_seed_sq`` keeps the raw squared norms.
+    are at least 10 seeds per fitted coefficient (30 seeds for a decoder-only or encoder
+    model, 40 for an encoder-decoder), else the plain mean: ``meta["estimator"]`` names it,
+    ``per_seed_sq`` keeps the raw squared norms.
 
     Args:
       seeds: number of independent initializations (each with its own data).
