@@ -6,7 +6,8 @@ all pairs taken from the unconditioned kernel.  That is what the maps give when 
 is conditioned, up to that pair's share of the sums (O(1/n^2)); the attention maps, the only
 ones with such sums, are checked against exactly that.  End to end, the embedding gradient of a
 network whose tokens collide often (vocabulary 8: a pair collides with probability 1/8) is
-checked against the probe."""
+checked against the probe, and so are the weight gradients that take the covariance of their
+input and gradient kernels through a pair's token event (`pair_sum`)."""
 
 import numpy as np
 import pytest
@@ -90,18 +91,45 @@ def test_companion_equal_to_the_kernel_gives_the_mean_collision_formula():
 
 
 @pytest.mark.parametrize("placement", ["post", "pre"])
-def test_embedding_gradient_with_frequent_collisions_matches_the_probe(placement):
-    # Vocabulary 8: a pair of positions collides with probability 1/8, and the colliding
-    # pairs carry most of ||dL/dE||^2.  With the companion these 192 seeds read -4.1% (se
-    # 2.0%, Post-LN) and -2.4% (se 1.2%, Pre-LN); taking the mean gradient kernel for the
-    # colliding pairs (no companion) reads -14% and -12% (7 and 10 se).  Bound: 3 standard
-    # errors plus 3% for this tiny configuration's other O(1/d) terms.
+def test_gradients_with_frequent_collisions_match_the_probe(placement):
+    # Vocabulary 8: a pair of positions collides with probability 1/8.  The embedding: the
+    # colliding pairs carry most of ||dL/dE||^2; with the companion these 192 seeds read -4.1%
+    # (se 2.0%, Post-LN) and -2.6% (se 1.2%, Pre-LN), with the mean gradient kernel for the
+    # colliding pairs (no companion) -14% and -12% (7 and 10 se).  The first FFN weight: the
+    # covariance of its input and gradient kernels through the pair's token event (`pair_sum`)
+    # takes it from -7.6% / -8.5% to -3.7% / -2.0% (se 1.9% / 1.2%); the head: -5.4 / -2.5% to
+    # -4.2 / +1.2% (se 2.1 / 1.5%).  Bound: 3 standard errors plus 3% for this tiny
+    # configuration's other O(1/d) terms (without the covariance Pre-LN's FFN fails it: -8.5%
+    against 6.6%).
     arch = Arch(depth=2, placement=placement, d_model=128, n_heads=2, d_ff=512, seq_len=16,
                 batch_size=2, vocab_size=8)
     measured = measure_grad_norms(arch, seeds=192, chunk=96)
-    theory = predict(arch).grads["embed.tok"][0]
-    value, se = measured.grads["embed.tok"][0], measured.stderr["embed.tok"][0]
-    assert abs(theory / value - 1) <= 3 * se / value + 0.03
+    theory = predict(arch)
+    for name in ("embed.tok", "ffn.w1", "head.out"):
+        value, se = measured.grads[name][0], measured.stderr[name][0]
+        assert abs(theory.grads[name][0] / value - 1) <= 3 * se / value + 0.03, name
+
+
+def test_pair_sum_adds_the_covariance_through_the_token_event():
+    """With collision probability p the sum is ``sum_pairs [p K_s G_s + (1 - p) K_d G_d]`` over
+    distinct positions (within and across sequences) plus the diagonal ``K G``: each kernel
+    deterministic given whether the pair holds the same token."""
+    rng = np.random.default_rng(3)
+    p, b = 0.2, 3
+    k_d, k_s = _kernel(rng, 0.0)[0], _kernel(rng, 0.4)[1]
+    g_d, g_s = _kernel(rng, 0.0)[0], _kernel(rng, 0.3)[1]
+    for x_d, x_s in ((k_d, k_s), (g_d, g_s)):  # the diagonal is the same whatever the event
+        np.fill_diagonal(x_s.w, np.diag(x_d.w))
+    k = Blocks.of(p * k_s.a + (1 - p) * k_d.a).with_same(k_s)
+    g = Blocks.of(p * g_s.a + (1 - p) * g_d.a).with_same(g_s)
+    mixed = p * k_s.a * g_s.a + (1 - p) * k_d.a * g_d.a
+    want = b * mixed[0].sum() + b * (b - 1) * mixed[1].sum()
+    assert pair_sum(k, g, b, collision=p) == pytest.approx(want, rel=1e-12)
+    # without the probability (or without companions) the product of the mean kernels
+    plain = b * (k.a[0] * g.a[0]).sum() + b * (b - 1) * (k.a[1] * g.a[1]).sum()
+    assert pair_sum(k, g, b) == pytest.approx(plain, rel=1e-12)
+    assert pair_sum(k.main, g.main, b, collision=p) == pytest.approx(plain, rel=1e-12)
+    assert abs(want / plain - 1) > 0.01  # the covariance is not negligible here
 
 
 def test_cross_attention_companions_do_not_mix_the_two_streams():

@@ -101,12 +101,26 @@ def block_sums(x: np.ndarray) -> np.ndarray:
     return np.add.reduce(x[:2].reshape(2, -1), axis=1)
 
 
-def pair_sum(k: Blocks, g: Blocks, batch_size: int) -> float:
-    """``sum over all N^2 token pairs (i, j) of K(i, j) G(i, j)``: B within-sequence blocks and
-    B(B-1) across-sequence blocks."""
+def pair_sum(k: Blocks, g: Blocks, batch_size: int, collision: float = 0.0) -> float:
+    """``E sum over all N^2 token pairs (i, j) of K(i, j) G(i, j)``: B within-sequence blocks and
+    B(B-1) across-sequence blocks.
+
+    With `collision` = p_c > 0 and both kernels carrying their same-token companions (K_s,
+    G_s), each pair of distinct positions adds the covariance of K and G through the pair's
+    token event (law of total expectation over "same token" (probability p_c) and "different
+    tokens", each kernel deterministic given the event, as everywhere in the theory):
+    ``E[K G] = K G + p_c / (1 - p_c) (K_s - K)(G_s - G)``, since K = p_c K_s + (1 - p_c) K_d.
+    Two positions holding the same token have both a larger input kernel and a larger gradient
+    kernel (the FFN weights of a Pre-LN block: -8.5% -> -2.0% at vocabulary 8)."""
     b = batch_size
     w, c = block_sums(k.a[:2] * g.a[:2])
-    return float(b * w + b * (b - 1) * c)
+    total = b * w + b * (b - 1) * c
+    if collision and k.same is not None and g.same is not None:
+        cov = (k.a[2:] - k.a[:2]) * (g.a[2:] - g.a[:2])
+        w_s = np.add.reduce(cov[0].reshape(-1)) - np.trace(cov[0])  # distinct positions only
+        c_s = np.add.reduce(cov[1].reshape(-1))
+        total += collision / (1.0 - collision) * (b * w_s + b * (b - 1) * c_s)
+    return float(total)
 
 
 def cosine(k: Blocks) -> Blocks:

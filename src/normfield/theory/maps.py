@@ -82,8 +82,11 @@ def linear_backward(g: Blocks, var_w: float, fan_out: int) -> Blocks:
     return g * (var_w * fan_out)
 
 
-def linear_grad_sq(x: Point, g: Blocks, fan_out: int, batch_size: int) -> float:
-    return x.width * fan_out * pair_sum(x.k, g, batch_size)
+def linear_grad_sq(x: Point, g: Blocks, fan_out: int, batch_size: int,
+                   collision: float = 0.0) -> float:
+    """``E||dL/dW||^2 = fan_in fan_out sum_ij K_x(i, j) G(i, j)`` (`pair_sum`, with the
+    token-collision covariance when `collision` = p_c is given)."""
+    return x.width * fan_out * pair_sum(x.k, g, batch_size, collision)
 
 
 def bias_grad_sq(g: Blocks, fan_out: int, batch_size: int) -> float:
@@ -226,8 +229,8 @@ def norm_backward(x: Point, y: Point, g: Blocks, kind: str, eps: float,
     return Blocks.of(out)
 
 
-def gain_grad_sq(y: Point, g: Blocks, batch_size: int) -> float:
-    return y.width * pair_sum(y.k, g, batch_size)
+def gain_grad_sq(y: Point, g: Blocks, batch_size: int, collision: float = 0.0) -> float:
+    return y.width * pair_sum(y.k, g, batch_size, collision)
 
 
 def norm_cross_forward(x: Point, cross_k: Blocks, cross_m: Blocks, kind: str,

@@ -349,6 +349,7 @@ class _Block:
         """Gradient kernels at the block input and at the memory (None without
         cross-attention), and the squared weight-gradient norms."""
         a, b = self.arch, self.arch.batch_size
+        pc = collision_prob(a)
         grads: dict[str, float] = {}
         gs = _Gradients(self.steps[-1].dst, g_out)
         push = gs.push
@@ -364,12 +365,12 @@ class _Block:
                          y * norm_cross_backward(env[s.src], a.norm, a.norm_eps)[:, None])
                 push(s.src, norm_backward(env[s.src], env[s.dst], g, a.norm, a.norm_eps,
                                           radial=i not in self.radial_free), y_src)
-                grads[f"{s.name}.scale"] = gain_grad_sq(env[s.dst], g, b)
+                grads[f"{s.name}.scale"] = gain_grad_sq(env[s.dst], g, b, pc)
             elif isinstance(s, Linear):
                 var_w, _ = self._var(s.name)
                 fan_out = a.width(s.fan_out)
                 push(s.src, linear_backward(g, var_w, fan_out))
-                grads[s.name] = linear_grad_sq(env[s.src], g, fan_out, b)
+                grads[s.name] = linear_grad_sq(env[s.src], g, fan_out, b, pc)
                 if a.bias:
                     grads[f"{s.name}.bias"] = bias_grad_sq(g, fan_out, b)
             elif isinstance(s, Activation):
@@ -387,6 +388,10 @@ class _Block:
                     name = f"{s.prefix}.{p}"
                     var_w, _ = self._var(name)
                     push(src, linear_backward(gp, var_w, d))
+                    # no collision covariance here: the projections' companions come from the
+                    # attention maps, which drop the colliding pair's own attention-column and
+                    # logit-row correlations, and k, v carry the collisions' share of their
+                    # input's fluctuation in the realized-Gram term (`weight_gradient_terms`)
                     grads[name] = factor * (linear_grad_sq(env[src], gp, d, b)
                                             + env[src].width * d * ex)
                     if a.bias:
@@ -552,9 +557,9 @@ class _StackRun:
         (prefixed) per-layer, final-norm and embedding-norm entries; returns the gradient
         kernels at the embedding sum (before the embedding norm, if any) and at the memory
         (summed over the blocks)."""
-        b, pre = arch.batch_size, self.stack.prefix
+        b, pre, pc = arch.batch_size, self.stack.prefix, collision_prob(arch)
         if arch.has_final_norm:
-            grads_sq[pre + "final_norm.scale"] = np.array([gain_grad_sq(self.out, g, b)])
+            grads_sq[pre + "final_norm.scale"] = np.array([gain_grad_sq(self.out, g, b, pc)])
             g = norm_backward(self.stream, self.out, g, arch.norm, arch.norm_eps)
         per_layer: list[dict] = [None] * self.stack.depth
         g_mem = None
@@ -567,7 +572,7 @@ class _StackRun:
         for name in per_layer[0]:
             grads_sq[pre + name] = np.array([layer[name] for layer in per_layer])
         if arch.embed_norm:
-            grads_sq[pre + "embed_norm.scale"] = np.array([gain_grad_sq(self.embed_out, g, b)])
+            grads_sq[pre + "embed_norm.scale"] = np.array([gain_grad_sq(self.embed_out, g, b, pc)])
             g = norm_backward(self.embedded, self.embed_out, g, arch.norm, arch.norm_eps)
         return g, g_mem
 
@@ -626,7 +631,7 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
     big_n = b * n
     dk = logit_gradient_kernel(arch, h, method)
     g = dk * (head_var(arch) / big_n ** 2)
-    head_sq = h.width * pair_sum(h.k, dk, b) / big_n ** 2
+    head_sq = h.width * pair_sum(h.k, dk, b, collision_prob(arch)) / big_n ** 2
     for i in reversed(range(len(runs))):
         g_embed, g = runs[i].backward(arch, g, grads_sq)
         pre = runs[i].stack.prefix
