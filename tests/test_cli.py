@@ -90,6 +90,9 @@ def test_probe_writes_json_and_csv(tmp_path, capsys):
     assert profile.arch == Arch(depth=2, placement="post", d_model=16, n_heads=2, d_ff=32,
                                 seq_len=4, vocab_size=11)
     assert profile.meta["seeds"] == 2
+    assert "estimator='mean'" in stdout  # 2 seeds: too few for control variates
+    assert set(profile.per_seed_collisions) == {"tokens.within", "tokens.across",
+                                                "targets.within", "targets.across"}
     for name in profile.layer_names():
         assert profile[name].shape == (2,)
         assert np.all(np.isfinite(profile[name])) and np.all(profile[name] > 0)

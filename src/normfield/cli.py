@@ -186,7 +186,8 @@ def format_profile(profile) -> str:
     meta = profile.meta or {}
     if "seeds" in meta:
         lines.append(f"seeds={meta['seeds']} key={meta.get('key')} precision={meta.get('precision')}"
-                     f" device={meta.get('device')} time={meta.get('seconds', float('nan')):.1f}s")
+                     f" device={meta.get('device')} time={meta.get('seconds', float('nan')):.1f}s"
+                     f" estimator={meta.get('estimator', 'mean')!r}")
     lines.append("grad norm sqrt(E||dL/dW||_F^2)" + (" ± stderr" if errs else "")
                  + "; layer 0 = block nearest the input")
     if layered:
