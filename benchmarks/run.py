@@ -124,7 +124,8 @@ def per_seed_norms(sq) -> np.ndarray:
 
 
 def profile_norms(sq) -> np.ndarray:
-    """sqrt(mean over seeds of the squared norm): the number a GradProfile reports."""
+    """sqrt(mean over seeds of the squared norm): the number a GradProfile reports (below 30
+    seeds; with more, the control-variate estimate of `profile.seed_moments`)."""
     return np.concatenate([np.sqrt(np.asarray(v, np.float64).mean(axis=0)) for _, v in
                            sorted(sq.items())])
 
@@ -138,7 +139,7 @@ def time_probe(arch, prec, keys, flops, peak, min_time, repeats, ref=None, **opt
     difference of its norms from `ref` (the float32 scan's (per seed, profile) norms; itself
     when None).  Returns (row, norms)."""
     t = time.perf_counter()
-    sq, _ = probe_call(arch, prec, keys, **options)  # compile + first run
+    sq = probe_call(arch, prec, keys, **options)[0]  # compile + first run
     first = time.perf_counter() - t
     times = timed(lambda: probe_call(arch, prec, keys, **options), min_time, min_iters=repeats)
     steady = statistics.median(times)
