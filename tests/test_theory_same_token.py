@@ -100,7 +100,7 @@ def test_gradients_with_frequent_collisions_match_the_probe(placement):
     # takes it from -7.6% / -8.5% to -3.7% / -2.0% (se 1.9% / 1.2%); the head: -5.4 / -2.5% to
     # -4.2 / +1.2% (se 2.1 / 1.5%).  Bound: 3 standard errors plus 3% for this tiny
     # configuration's other O(1/d) terms (without the covariance Pre-LN's FFN fails it: -8.5%
-    against 6.6%).
+    # against 6.6%).
     arch = Arch(depth=2, placement=placement, d_model=128, n_heads=2, d_ff=512, seq_len=16,
                 batch_size=2, vocab_size=8)
     measured = measure_grad_norms(arch, seeds=192, chunk=96)
