@@ -388,10 +388,11 @@ class _Block:
                     name = f"{s.prefix}.{p}"
                     var_w, _ = self._var(name)
                     push(src, linear_backward(gp, var_w, d))
-                    # no collision covariance here: the projections' companions come from the
-                    # attention maps, which drop the colliding pair's own attention-column and
-                    # logit-row correlations, and k, v carry the collisions' share of their
-                    # input's fluctuation in the realized-Gram term (`weight_gradient_terms`)
+                    # no collision covariance here: the attention sums already carry the token
+                    # collisions through the realized-Gram term (`weight_gradient_terms`, in G_q
+                    # and the k, v extras), whose amplitude is matched on the data's collision
+                    # fluctuation (`fluctuation.embedding`); and the projections' companions
+                    # drop the colliding pair's own attention-column and logit-row correlations
                     grads[name] = factor * (linear_grad_sq(env[src], gp, d, b)
                                             + env[src].width * d * ex)
                     if a.bias:
