@@ -24,13 +24,17 @@ def _load_run():
 
 def test_time_probe_reports_finite_rates_and_the_profile_norms():
     run = _load_run()
-    arch = Arch(depth=1, placement="pre", d_model=16, n_heads=2, d_ff=32, seq_len=4,
-                batch_size=1, vocab_size=11)
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    # the Arch, seed count and options of tests/test_probe_measure.py's measurement: one pytest
+    # run compiles the probe's chunk for them once
+    arch = Arch(depth=3, placement="mixln", placement_options=(("post_fraction", 0.5),),
+                d_model=8, n_heads=2, d_ff=16, seq_len=5, batch_size=2, vocab_size=11,
+                activation="gelu", mask="causal", bias=True)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
     row, (per_seed, profile) = run.time_probe(arch, "float32", keys, flops=1e6, peak=1.0,
-                                              min_time=0.0, repeats=1)
+                                              min_time=0.0, repeats=1, remat=False,
+                                              unroll=False)
     assert row["iters"] >= 1 and row["max_rel_diff_vs_float32"] == 0.0
     assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("seconds_per_call", "tflops"))
-    # per-seed norms of every parameter for 2 seeds; the profile's are sqrt(mean of squares)
-    assert per_seed.size == 2 * profile.size
+    # per-seed norms of every parameter for 8 seeds; the profile's are sqrt(mean of squares)
+    assert per_seed.size == 8 * profile.size
     assert np.all(np.isfinite(profile)) and np.all(profile >= 0)
