@@ -120,6 +120,8 @@ def seed_moments(per_seed_sq: dict, covariates: dict | None = None) -> tuple[dic
     names = list(per_seed_sq)
     seeds = per_seed_sq[names[0]].shape[0] if names else 0
     design, used = _design(covariates, seeds)
+    if design is not None:
+        inv00 = np.linalg.inv(design.T @ design)[0, 0]  # the intercept's variance per unit s^2
     grads, stderr = {}, {}
     for name in names:
         sq = per_seed_sq[name]
@@ -130,7 +132,7 @@ def seed_moments(per_seed_sq: dict, covariates: dict | None = None) -> tuple[dic
             coef, *_ = np.linalg.lstsq(design, sq, rcond=None)
             resid = sq - design @ coef
             var = np.sum(resid * resid, axis=0) / (seeds - design.shape[1])
-            se_fit = np.sqrt(var * np.linalg.inv(design.T @ design)[0, 0])
+            se_fit = np.sqrt(var * inv00)
             ok = coef[0] > 0
             mean, se_mean = np.where(ok, coef[0], mean), np.where(ok, se_fit, se_mean)
         grads[name] = np.sqrt(mean)
