@@ -272,8 +272,7 @@ def test_sampled_parameters_have_the_stated_variances():
     a = Arch(depth=2, placement="deepnorm", d_model=128, n_heads=2, d_ff=256, seq_len=64,
              vocab_size=512, bias=True, activation="swiglu", positions="learned",
              init=Init(scheme="torch"))
-    params = jax.jit(init_params, static_argnums=0,
-                     compiler_options={"xla_backend_optimization_level": 0})(a, jax.random.PRNGKey(0))
+    params = jax.jit(init_params, static_argnums=0)(a, jax.random.PRNGKey(0))
     assert set(params["layers"]) >= {"attn.q", "attn.v", "ffn.w3", "ffn.w1.bias", "norm1.scale"}
     assert {"embed.tok", "embed.pos", "head.out"} <= set(params)
     _check_samples(a, params)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_probe_reference import (FAST_COMPILE, perturb_norms_and_biases, ref_linear,
+from test_probe_reference import (perturb_norms_and_biases, ref_linear,
                                   ref_norm, ref_phi, ref_sinusoidal, ref_stats)
 
 from normfield.arch import Arch
@@ -161,8 +161,7 @@ def compiled(name):
         return init_params(arch, k_param), sample_batch(arch, k_data)
 
     vg = jax.value_and_grad(lambda p, t, y: loss_fn(arch, p, t, y), has_aux=True)
-    return (arch, jax.jit(draw, compiler_options=FAST_COMPILE),
-            jax.jit(vg, compiler_options=FAST_COMPILE))
+    return arch, jax.jit(draw), jax.jit(vg)
 
 
 def seed_keys(seeds=MEASURE_SEEDS, key=MEASURE_KEY):

@@ -33,7 +33,6 @@ ARCH = Arch(**ARCH_KW)
 SEEDS, KEY = 8, 3
 # LLVM optimization off for this file's own one-off functions (a third of the compile time;
 # numerics equal up to float32 rounding); measure_grad_norms itself is compiled as usual
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +56,7 @@ def grads_three_ways():
     def lossgrad(p, t, y, unroll=False):
         return jax.value_and_grad(lambda q: loss_fn(ARCH, q, t, y, unroll=unroll)[0])(p)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def run(p, t, y):
         scan = lossgrad(p, t, y)
         unrolled = lossgrad(p, t, y, unroll=True)
@@ -116,7 +115,7 @@ def test_batch_gradient_is_mean_of_per_sequence_gradients():
 def test_vmap_over_seeds_equals_loop_over_one_seed():
     prof = measured()
     keys = jax.random.split(jax.random.PRNGKey(KEY), SEEDS)
-    single = jax.jit(functools.partial(one_seed, ARCH, "float32"), compiler_options=FAST_COMPILE)
+    single = jax.jit(functools.partial(one_seed, ARCH, "float32"))
     with jax.default_matmul_precision("highest"):
         loop = [jax.tree_util.tree_map(np.asarray, single(k)) for k in keys]
     assert set(prof.per_seed_sq) == set(loop[0][0])
@@ -230,7 +229,8 @@ SHARDED: dict = {}
 def sharded_subprocess():
     """Start the 4-device measurement at the module's first test, so that it runs while this
     process compiles (XLA's CPU compiler is mostly single-threaded); killed if still running."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(),
                PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
                JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, json.dumps(ARCH_KW), str(SEEDS),

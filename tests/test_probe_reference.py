@@ -21,7 +21,6 @@ from normfield.probe.model import init_params, loss_fn
 
 # LLVM optimization off: a third of the compile time of these one-off functions; numerics are
 # unchanged up to float32 rounding
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 TINY = dict(d_model=8, n_heads=2, d_ff=16, seq_len=5, batch_size=2, vocab_size=11)
 
 
@@ -232,8 +231,7 @@ def make_case(name, seed=0):
     arch = Arch(**{**TINY, **CONFIGS[name]})
     rng = np.random.default_rng(seed)
     if name in FROM_INIT_PARAMS:
-        params = jax.jit(init_params, static_argnums=0, compiler_options=FAST_COMPILE)(
-            arch, jax.random.PRNGKey(seed))
+        params = jax.jit(init_params, static_argnums=0)(arch, jax.random.PRNGKey(seed))
     else:
         params = numpy_params(arch, rng)
 
@@ -243,8 +241,7 @@ def make_case(name, seed=0):
     shape = (arch.batch_size, arch.seq_len)
     tokens = rng.integers(0, arch.vocab_size, shape)
     targets = rng.integers(0, arch.vocab_size, shape)
-    f = jax.jit(jax.value_and_grad(lambda p, t, y: loss_fn(arch, p, t, y), has_aux=True),
-                compiler_options=FAST_COMPILE)
+    f = jax.jit(jax.value_and_grad(lambda p, t, y: loss_fn(arch, p, t, y), has_aux=True))
     with jax.default_matmul_precision("highest"):
         (loss, stats), grads = f(P32, jnp.asarray(tokens), jnp.asarray(targets))
     grads = jax.tree_util.tree_map(np.asarray, grads)
