@@ -123,3 +123,28 @@ def test_negative_rho_moments_finite_and_match_mc():
                                    seed=1)
     assert np.all(np.abs(T - Tm) <= 4 * seT + APPROX_REL * np.abs(T))
     assert np.all(np.abs(Q - Qm) <= 4 * seQ + APPROX_REL * np.abs(Q))
+
+
+def test_groups_of_one_call_share_its_pair_set_and_give_each_groups_own_moments():
+    """A causal-like call (n1, n2 from row lengths 1..12) with entries at three variances: its
+    groups share one pair set and one pair of size buckets (one quadrature per variance), and
+    every entry gets the moments of its own (n1, n2, v, rho), as a call on that variance's
+    entries alone computes them (other size buckets, so equal to the quadrature's accuracy: the
+    fluctuation parts within 1e-4 of their size).  A wrong pair lookup moves them by O(1)."""
+    from normfield.theory import softmax
+
+    rows = np.arange(1, 13)
+    n1, n2 = np.minimum.outer(rows, rows), np.maximum.outer(rows, rows)
+    rng = np.random.default_rng(1)
+    rho = rng.uniform(0.2, 1.0, n1.shape)
+    v = np.choose(rng.integers(0, 3, n1.shape), (0.3, 0.9, 2.1))
+    softmax._quadrature.cache_clear()
+    T, Q = pair_moments(n1, n2, v, v, rho)
+    assert softmax._quadrature.cache_info().misses == 3
+    for value in (0.3, 0.9, 2.1):
+        sel = (v == value) & (n2 > 1)
+        t, q = pair_moments(n1[sel], n2[sel], value, value, rho[sel])
+        a, b = n1[sel], n2[sel]
+        ft, fq = b * t - 1.0, b * q - (1.0 - 1.0 / a)
+        np.testing.assert_allclose(b * T[sel] - 1.0, ft, rtol=1e-4, atol=1e-12)
+        np.testing.assert_allclose(b * Q[sel] - (1.0 - 1.0 / a), fq, rtol=1e-4, atol=1e-12)

@@ -49,8 +49,13 @@ range)`` (`_side`; the two rows share one when v1 = v2), the combined transforms
 per ``(v1, v2, size buckets, rho range)`` (`_Quadrature`, with its sums over s
 per n1; ``G00^(n1-1)`` is a fixed product of squarings), and the node moments
 per quadrature and set of (n1, n2) pairs (`_node_moments`, up to 256 MiB), so
-that a repeated prediction needs no quadrature.  Several variances at the same
-n1, n2 and rho (`pair_moments_at`) share one set of rho interpolation weights.
+that a repeated prediction needs no quadrature.  The groups of one call (entries
+at one exact (v1, v2)) share the call's whole pair set and size buckets, so that
+a variance's node moments serve every group, causal row and layer it appears in
+(a deep causal Post-LN stack meets each grid variance in several layers as its
+tokens collapse: 142 quadratures instead of 898 at depth 48, seq 128).  Several
+variances at the same n1, n2 and rho (`pair_moments_at`) share one set of rho
+interpolation weights.
 
 Accuracy (against the same quadrature at step 0.5 / 18 e-folds, and MC):
 fluctuation parts ``T1 - 1/n2`` and ``Q - (1/n2)(1 - 1/n1)`` within 1e-4
@@ -431,7 +436,7 @@ class _Quadrature:
         return tables
 
 
-_quadrature = functools.lru_cache(maxsize=64)(_Quadrature)
+_quadrature = functools.lru_cache(maxsize=8)(_Quadrature)
 
 _MOMENTS: collections.OrderedDict = collections.OrderedDict()
 _MOMENTS_BYTES = [0]
@@ -552,6 +557,14 @@ def _analytic(n1, n2, sides, rho):
         n1b, n2b, buckets = a, b, (_bucket(a), _bucket(b))
     else:
         n1b, n2b = np.broadcast_to(n1, rho.shape), np.broadcast_to(n2, rho.shape)
+        # one pair set and one pair of size buckets for every group of this call, so that a
+        # grid variance's node moments serve every group, row and layer it appears in
+        many = n2b > 1
+        pairs, at_many = _distinct_pairs(n1b[many], n2b[many])
+        at_all = np.zeros(rho.shape, np.intp)
+        at_all[many] = at_many
+        buckets = _bucket(n1b.max()), _bucket(n2b.max())
+
     def uniform():  # T1 and Q of uniform attention, for every entry
         if fixed:
             return np.full(rho.shape, 1.0 / b), np.full(rho.shape, (1.0 - 1.0 / a) / b)
@@ -581,12 +594,10 @@ def _analytic(n1, n2, sides, rho):
                 ranges[key] = r, 0.0 if r.min() >= 0 else -1.0
             r, rho_lo = ranges[key]
             if fixed:
-                pairs, at = pair, None
+                at = None
             else:
-                a, b = n1b[sel], n2b[sel]
-                pairs, at = _distinct_pairs(a, b)
-                buckets = _bucket(a.max()), _bucket(b.max())
-            tables = _node_moments((g1, g2, *buckets, rho_lo), pairs)
+                a, b, at = n1b[sel], n2b[sel], at_all[sel]
+            tables = _node_moments((g1, g2, *buckets, rho_lo), pair if fixed else pairs)
             jobs.setdefault((rho_lo, key), (sel, rho_lo, []))[2].append((res, sel, a, b, tables,
                                                                          at))
     weights = {}  # per rho range, over every entry (a group takes its columns)
