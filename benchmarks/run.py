@@ -15,7 +15,8 @@ Measures, in one process on ``jax.devices()[0]``:
   * peak device memory (``memory_stats()``; null where the backend has none, e.g. CPU);
   * an optional PyTorch reference (`torch_reference.py`; skipped when torch is missing);
   * the theory (`predict_grad_norms`) time at depth 12, 48 (seq_len 128), 1000 and 10000
-    (seq_len 16), and theory vs probe time at the benchmark shape.
+    (seq_len 16), each in a fresh process (`theory_speed.py`, which also times Pre-LN and
+    causal masks), and theory vs probe time at the benchmark shape.
 
 FLOP count (per seed; multiply-add = 2 FLOPs; T = batch*seq tokens, n = seq, d = d_model):
   forward = depth * (2*T*(4*d^2 + 2*d*d_ff) + 4*batch*n^2*d) + 2*T*d*vocab
@@ -45,9 +46,9 @@ import numpy as np
 
 from normfield import Arch
 from normfield.probe.measure import MATMUL_PRECISION, _run_chunk
-from normfield.theory.predict import predict_grad_norms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import theory_speed  # noqa: E402  (benchmarks/theory_speed.py, beside this script)
 
 PLACEMENT = "post"  # bidirectional Post-LN (the Arch default mask is bidirectional)
 FULL_SHAPE = dict(d_model=768, n_heads=12, d_ff=3072, depth=12, seq_len=512, batch_size=4,
@@ -198,25 +199,25 @@ def memory_peak():
 
 
 # ---- theory ------------------------------------------------------------------------------------
-def theory_time(shape, depth, seq_len) -> float:
-    fields = {k: v for k, v in shape.items() if k not in ("depth", "seq_len")}
-    t = time.perf_counter()
-    predict_grad_norms(depth, PLACEMENT, seq_len=seq_len, **fields)
-    return time.perf_counter() - t
-
-
 def theory_timings(shape, with_10000: bool) -> dict:
-    """Cold-cache theory times (one process, single-threaded BLAS), depth 12/48 at seq_len 128,
-    1000/10000 at seq_len 16, and the benchmark shape itself."""
+    """Theory times of bidirectional Post-LN, each configuration in a fresh single-threaded
+    process (`theory_speed.time_in_fresh_process`: first call and fastest repeat), depth 12/48
+    at seq_len 128, 1000/10000 at seq_len 16, and the benchmark shape itself; other Arch
+    fields as the benchmark shape."""
+    fields = {k: v for k, v in shape.items() if k not in ("depth", "seq_len")}
     theory = {}
     runs = [(12, 128), (48, 128), (1000, 16)] + ([(10000, 16)] if with_10000 else [])
     if not with_10000:
         theory["10000"] = {"skipped": "quick mode; use --theory-10000"}
     for depth, n in runs:
-        s = theory_time(shape, depth, n)
-        theory[str(depth)] = {"seq_len": n, "seconds": s}
-        print(f"  theory depth {depth:5d} seq {n:3d}: {s:.2f} s", flush=True)
-    theory["benchmark_shape"] = {"seconds": theory_time(shape, shape["depth"], shape["seq_len"])}
+        row = theory_speed.time_in_fresh_process(depth, PLACEMENT, n, "bidirectional", fields)
+        theory[str(depth)] = {"seq_len": n, "seconds": row["first_seconds"],
+                              "warm_seconds": row["warm_seconds"], "finite": row["finite"]}
+        print("  " + theory_speed.format_row(row), flush=True)
+    row = theory_speed.time_in_fresh_process(shape["depth"], PLACEMENT, shape["seq_len"],
+                                             "bidirectional", fields)
+    theory["benchmark_shape"] = {"seconds": row["first_seconds"],
+                                 "warm_seconds": row["warm_seconds"]}
     theory["host"] = platform.processor() or platform.machine()
     return theory
 
@@ -314,7 +315,8 @@ def main(argv=None) -> dict:
                                       "probe_over_theory_time": probe_t
                                       / theory["benchmark_shape"]["seconds"]})
     res["theory"] = theory
-    res["theory_note"] = ("cold caches, one CPU core of the host, other Arch fields as the "
+    res["theory_note"] = ("first call in a fresh process (cold caches) and fastest of 3 repeats "
+                          "(depth <= 2000), one CPU core of the host, other Arch fields as the "
                           "benchmark shape; depths 1000/10000 at seq_len 16, 12/48 at seq_len 128")
 
     print_table(res)
@@ -364,7 +366,9 @@ def print_table(r: dict) -> None:
     th = r["theory"]
     for key in ("12", "48", "1000", "10000"):
         e = th[key]
-        print(f"theory depth {key:>5s}: " + (f"{e['seconds']:.2f} s (seq {e['seq_len']})"
+        warm = "" if e.get("warm_seconds") is None else f", warm {e['warm_seconds']:.3f} s"
+        print(f"theory depth {key:>5s}: " + (f"{e['seconds']:.2f} s first call{warm} "
+                                             f"(seq {e['seq_len']})"
                                              if "seconds" in e else f"skipped: {e['skipped']}"))
     b = th["benchmark_shape"]
     print(f"theory at benchmark shape: {b['seconds']:.3f} s vs probe float32 "

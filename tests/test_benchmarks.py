@@ -38,3 +38,18 @@ def test_time_probe_reports_finite_rates_and_the_profile_norms():
     # per-seed norms of every parameter for 8 seeds; the profile's are sqrt(mean of squares)
     assert per_seed.size == 8 * profile.size
     assert np.all(np.isfinite(profile)) and np.all(profile >= 0)
+
+
+def test_theory_speed_times_a_configuration_in_a_fresh_process():
+    """`benchmarks/theory_speed.py`: the child process runs the prediction it is given (a tiny
+    causal Pre-LN arch) and reports its first call, a repeat and finiteness; only the issue's
+    target configurations carry a target."""
+    spec = importlib.util.spec_from_file_location("theory_speed", RUN.parent / "theory_speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    fields = dict(d_model=16, n_heads=2, d_ff=32, batch_size=2, vocab_size=11)
+    row = speed.time_in_fresh_process(2, "pre", 4, "causal", fields, repeats=1)
+    assert (row["depth"], row["placement"], row["seq_len"], row["mask"]) == (2, "pre", 4, "causal")
+    assert row["finite"] is True and "target_seconds" not in row
+    assert 0 < row["warm_seconds"] and 0 < row["first_seconds"]
+    assert "first" in speed.format_row(row)
