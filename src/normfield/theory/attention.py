@@ -98,10 +98,12 @@ class Mask:
 
     def left(self, x: np.ndarray) -> np.ndarray:
         """``Abar @ x`` in O(n^2): row i is the mean of the first row_len[i] rows of x (x an
-        (n, n) matrix or a stack of them, like every product below)."""
+        (n, n) matrix or a stack of them, like every product below); causal rows are the
+        prefixes 1..n, so these means are the running means down the rows."""
         if self.full:
             return self._column_means(x)
-        return np.cumsum(x, axis=-2)[..., self.row_len - 1, :] / self.row_len[:, None]
+        out = np.cumsum(x, axis=-2)
+        return np.divide(out, self.row_len[:, None], out=out)
 
     def left_t(self, x: np.ndarray) -> np.ndarray:
         """``Abar.T @ x`` in O(n^2): row j sums x_i / row_len[i] over the rows i that see key j."""
