@@ -72,7 +72,9 @@ def time_in_fresh_process(depth: int, placement: str, seq_len: int, mask: str,
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1"}
     spec = json.dumps([depth, placement, seq_len, mask, fields or {}, repeats])
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", spec], env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"theory timing of {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

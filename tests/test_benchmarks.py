@@ -1,5 +1,6 @@
-"""Smoke test of the benchmark script's probe timing (`benchmarks/run.py`): it reads the probe's
-compiled chunk directly, so a change of what that chunk returns must not break it silently."""
+"""Smoke tests of the benchmark scripts: the probe timing of `benchmarks/run.py` (it reads the
+probe's compiled chunk directly, so a change of what that chunk returns must not break it
+silently) and the fresh-process theory timing of `benchmarks/theory_speed.py`."""
 
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from normfield import Arch
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
-def _load_run():
-    spec = importlib.util.spec_from_file_location("benchmarks_run", RUN)
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location("benchmarks_" + path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_time_probe_reports_finite_rates_and_the_profile_norms():
-    run = _load_run()
+    run = _load(RUN)
     # the Arch, seed count and options of tests/test_probe_measure.py's measurement: one pytest
     # run compiles the probe's chunk for them once
     arch = Arch(depth=3, placement="mixln", placement_options=(("post_fraction", 0.5),),
@@ -44,12 +46,16 @@ def test_theory_speed_times_a_configuration_in_a_fresh_process():
     """`benchmarks/theory_speed.py`: the child process runs the prediction it is given (a tiny
     causal Pre-LN arch) and reports its first call, a repeat and finiteness; only the issue's
     target configurations carry a target."""
-    spec = importlib.util.spec_from_file_location("theory_speed", RUN.parent / "theory_speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = _load(RUN.parent / "theory_speed.py")
     fields = dict(d_model=16, n_heads=2, d_ff=32, batch_size=2, vocab_size=11)
     row = speed.time_in_fresh_process(2, "pre", 4, "causal", fields, repeats=1)
     assert (row["depth"], row["placement"], row["seq_len"], row["mask"]) == (2, "pre", 4, "causal")
     assert row["finite"] is True and "target_seconds" not in row
     assert 0 < row["warm_seconds"] and 0 < row["first_seconds"]
     assert "first" in speed.format_row(row)
+
+
+def test_theory_speed_reports_a_failing_configuration_with_its_error():
+    speed = _load(RUN.parent / "theory_speed.py")
+    with pytest.raises(RuntimeError, match="invalid mask='sideways'"):
+        speed.time_in_fresh_process(2, "pre", 4, "sideways", {}, repeats=1)
