@@ -43,13 +43,15 @@ interpolated in ``rho`` (barycentric; the moments are analytic in rho).
 Exact limits (``v1 = v2 = 0``, ``rho = 0`` for T1, ``n1 = 1`` for Q) are
 returned exactly.
 
-Memoization (exact: the same inputs give bit-identical outputs, whatever was
-computed before): each row's conditional transforms per ``(v, size bucket, rho
-range)`` (`_side`; the two rows share one when v1 = v2), the combined transforms
-per ``(v1, v2, size buckets, rho range)`` (`_Quadrature`, with its sums over s
-per n1; ``G00^(n1-1)`` is a fixed product of squarings), and the node moments
-per quadrature and set of (n1, n2) pairs (`_node_moments`, up to 256 MiB), so
-that a repeated prediction needs no quadrature.  The groups of one call (entries
+Memoization (a repeated call returns the cached node moments, bit for bit; after
+other calls the same inputs can differ in the last bit, ~3e-16 relative, where a
+quadrature's per-n1 sums were computed in one matrix product with other n1's):
+each row's conditional transforms per ``(v, size bucket, rho range)`` (`_side`;
+the two rows share one when v1 = v2), the combined transforms per ``(v1, v2,
+size buckets, rho range)`` (`_Quadrature`, with its sums over s per n1;
+``G00^(n1-1)`` is a fixed product of squarings), and the node moments per
+quadrature and set of (n1, n2) pairs (`_node_moments`, up to 256 MiB), so that a
+repeated prediction needs no quadrature.  The groups of one call (entries
 at one exact (v1, v2)) share the call's whole pair set and size buckets, so that
 a variance's node moments serve every group, causal row and layer it appears in
 (a deep causal Post-LN stack meets each grid variance in several layers as its
@@ -372,8 +374,9 @@ class _Quadrature:
     """The analytic method at one (v1, v2), size buckets and rho range.
 
     Holds the per-entry transforms at every rho node (G00 and W stacked over the nodes; M does
-    not depend on rho) and memoizes, exactly, per n1 the sums over the s grid
-    ``U(n1) = sum_s G00^(n1-1) W``.  The power
+    not depend on rho) and memoizes per n1 the sums over the s grid
+    ``U(n1) = sum_s G00^(n1-1) W`` (computed by one matrix product per batch of n1's, whose
+    last bits can depend on the batch).  The power
     ``G00^m`` is the product of the squarings ``G00^(2^j)`` of the bits j of m, in increasing
     order: the same values whatever else is computed.
     """
