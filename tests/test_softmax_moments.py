@@ -31,6 +31,10 @@ def test_n1_one():
     T, Q = pair_moments(1, np.array([1, 4, 64]), 2.0, 1.0, 0.8)
     np.testing.assert_allclose(Q, 0.0, atol=1e-15)
     np.testing.assert_allclose(T, 1.0 / np.array([1, 4, 64]), rtol=1e-4)
+    # rows of one key only (a causal mask's first row; seq_len 1): nothing left to integrate
+    T, Q = pair_moments(np.ones(3, int), np.ones(3, int), 0.5, 0.5, np.array([0.0, 0.3, 1.0]))
+    np.testing.assert_array_equal(T, 1.0)
+    np.testing.assert_array_equal(Q, 0.0)
 
 
 def test_fluctuation_sign_and_monotonic_in_rho():

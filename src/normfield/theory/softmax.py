@@ -556,17 +556,18 @@ def _analytic(n1, n2, sides, rho):
     fixed = n1.ndim == 0 and n2.ndim == 0
     if fixed:
         a, b = float(n1), float(n2)
-        pair = np.array([[a, b]])
+        pairs = np.array([[a, b]])
         n1b, n2b, buckets = a, b, (_bucket(a), _bucket(b))
     else:
         n1b, n2b = np.broadcast_to(n1, rho.shape), np.broadcast_to(n2, rho.shape)
         # one pair set and one pair of size buckets for every group of this call, so that a
         # grid variance's node moments serve every group, row and layer it appears in
-        many = n2b > 1
-        pairs, at_many = _distinct_pairs(n1b[many], n2b[many])
-        at_all = np.zeros(rho.shape, np.intp)
-        at_all[many] = at_many
-        buckets = _bucket(n1b.max()), _bucket(n2b.max())
+        many = n2b > 1  # the entries a group can hold (single-key rows keep uniform values)
+        if many.any():
+            pairs, at_many = _distinct_pairs(n1b[many], n2b[many])
+            at_all = np.zeros(rho.shape, np.intp)
+            at_all[many] = at_many
+            buckets = _bucket(n1b.max()), _bucket(n2b.max())
 
     def uniform():  # T1 and Q of uniform attention, for every entry
         if fixed:
@@ -600,7 +601,7 @@ def _analytic(n1, n2, sides, rho):
                 at = None
             else:
                 a, b, at = n1b[sel], n2b[sel], at_all[sel]
-            tables = _node_moments((g1, g2, *buckets, rho_lo), pair if fixed else pairs)
+            tables = _node_moments((g1, g2, *buckets, rho_lo), pairs)
             jobs.setdefault((rho_lo, key), (sel, rho_lo, []))[2].append((res, sel, a, b, tables,
                                                                          at))
     weights = {}  # per rho range, over every entry (a group takes its columns)
