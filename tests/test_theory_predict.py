@@ -112,3 +112,18 @@ def test_deep_causal_post_ln_stays_finite():
     # variances (this raised "invalid v1=nan" before they were clamped at 0)
     prof = predict_grad_norms(200, "post", seq_len=16, mask="causal")
     assert all(np.all(np.isfinite(v)) for v in prof.grads.values())
+
+
+def test_one_token_sequences_predict_finite_norms_and_no_query_key_gradient():
+    """seq_len 1: every query sees its own key only, so the softmax is constant (attn.q and
+    attn.k get exactly no gradient), a causal mask is the bidirectional one, and the
+    embedding has no token spread whose fluctuation could be matched (c = 0, not 0 / 0)."""
+    kw = dict(seq_len=1, d_model=64, n_heads=2, d_ff=128, batch_size=4, vocab_size=64)
+    for placement in ("post", "pre"):
+        bi = predict_grad_norms(2, placement, **kw)
+        causal = predict_grad_norms(2, placement, mask="causal", **kw)
+        for name, value in bi.grads.items():
+            assert np.all(np.isfinite(value)), name
+            np.testing.assert_array_equal(causal.grads[name], value)
+        assert np.all(bi.grads["attn.q"] == 0) and np.all(bi.grads["attn.k"] == 0)
+        assert np.all(bi.grads["attn.v"] > 0)

@@ -155,7 +155,8 @@ def embedding(probs: np.ndarray, token_var: float, kpos: np.ndarray, pos_random:
            + token_var ** 2 * (norm_u_sq - (1.0 - s2) ** 2 * (n - 1.0)))
     if pos_random:
         var += (tr_p * tr_p + float(np.sum(kp * kp))) / d
-    c = var / (float(np.trace(g)) ** 2 + float(np.sum(g * g)))
+    spread_sq = float(np.trace(g)) ** 2 + float(np.sum(g * g))
+    c = var / spread_sq if spread_sq else 0.0  # one token per sequence: no spread to fluctuate
     if pos_random:
         return c, 1.0 / d
     k_aa = token_var + np.diag(kpos)
