@@ -31,8 +31,6 @@ ARCH_KW = dict(depth=3, placement="mixln", placement_options=(("post_fraction", 
                activation="gelu", mask="causal", bias=True)
 ARCH = Arch(**ARCH_KW)
 SEEDS, KEY = 8, 3
-# LLVM optimization off for this file's own one-off functions (a third of the compile time;
-# numerics equal up to float32 rounding); measure_grad_norms itself is compiled as usual
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,8 +19,6 @@ from scipy.special import erf
 from normfield.arch import Arch, Init
 from normfield.probe.model import init_params, loss_fn
 
-# LLVM optimization off: a third of the compile time of these one-off functions; numerics are
-# unchanged up to float32 rounding
 TINY = dict(d_model=8, n_heads=2, d_ff=16, seq_len=5, batch_size=2, vocab_size=11)
 
 
