@@ -52,6 +52,10 @@ def arch(**kw):
     (dict(placement="deepnorm", placement_options=(("gamma", 1.0),)), ["'gamma'", "alpha", "beta"]),
     (dict(placement="deepnorm", placement_options=(("alpha", -1.0),)), ["alpha", ">= 0"]),
     (dict(placement="deepnorm", placement_options=(("beta", float("inf")),)), ["beta", "finite"]),
+    (dict(d_model=3, n_heads=1), ["d_model=3", ">= 4", "layernorm"]),
+    (dict(d_model=2, n_heads=1, norm="rmsnorm"), ["d_model=2", ">= 3", "rmsnorm"]),
+    (dict(placement="normformer", d_ff=3), ["d_ff=3", ">= 4", "layernorm"]),
+    (dict(qk_norm=True, n_heads=8), ["n_heads=8", "d_head >= 3", "d_head=2", "RMSNorm"]),
 ])
 def test_bad_arch_raises_value_error_naming_field_and_valid_values(kw, words):
     with pytest.raises(ValueError) as info:
@@ -59,6 +63,21 @@ def test_bad_arch_raises_value_error_naming_field_and_valid_values(kw, words):
     msg = str(info.value)
     for w in words:
         assert w in msg, f"{w!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("kw", [
+    dict(placement="post", d_model=4, n_heads=1, d_ff=4),
+    dict(placement="pre", d_model=3, n_heads=1, d_ff=4, norm="rmsnorm"),
+    dict(placement="normformer", d_model=4, n_heads=1, d_ff=4),
+    dict(placement="post", d_model=6, n_heads=2, d_ff=8, qk_norm=True),
+])
+def test_the_smallest_norm_widths_give_finite_positive_predictions(kw):
+    """At `MIN_NORM_WIDTH` (one feature less is rejected above) every predicted norm is finite
+    and positive: the norms' 1/s^2 means k/(k-2) have k = 3 there."""
+    from normfield.theory.predict import predict
+    grads = predict(arch(**kw)).grads
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)) and np.all(g > 0), (name, g)
 
 
 def test_init_validates_on_its_own():

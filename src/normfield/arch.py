@@ -41,6 +41,11 @@ ATTENTION_KINDS = ("self_attn.", "cross_attn.")
 
 
 STACK_PREFIXES = ("enc.", "dec.")
+# The fewest features a norm may act on.  The theory's norm maps (`theory.maps.norm_backward`)
+# take the mean of 1/s^2 for a token's mean square s^2, a chi-square with k degrees of freedom
+# (k = width - 1 after LayerNorm's centring, k >= width for RMSNorm): k/(k - 2) in units of its
+# mean, finite only for k > 2.
+MIN_NORM_WIDTH = {"layernorm": 4, "rmsnorm": 3}
 
 
 def group_of(name: str) -> str:
@@ -200,6 +205,7 @@ class Arch:
         if not isinstance(self.init, Init):
             _fail("init", self.init, "a normfield.Init")
         self.init.validate()
+        self._check_norm_widths()
 
     def _check_encoder_decoder(self) -> None:
         from normfield.placements import PLACEMENTS
@@ -216,6 +222,30 @@ class Arch:
         if self.positions == "rope":
             _fail("positions", self.positions, "'sinusoidal', 'learned' or 'none' for an "
                   "encoder-decoder (RoPE is not defined for cross-attention)")
+
+    def _check_norm_widths(self) -> None:
+        """Every norm acts on at least `MIN_NORM_WIDTH` features: the model width (the blocks',
+        embedding and final norms), the FFN width (NormFormer's FFN norm) and, with QK-Norm
+        (an RMSNorm), the head width."""
+        from normfield.placements import Norm, block, stacks
+
+        normed = {"d_model"} if self.embed_norm or self.has_final_norm else set()
+        for stack in stacks(self):
+            for layer in {0, stack.depth - 1}:
+                normed |= {"d_ff" if step.width == "ff" else "d_model"
+                           for step in block(self, layer, stack) if isinstance(step, Norm)}
+        minimum = MIN_NORM_WIDTH[self.norm]
+        for name in sorted(normed):
+            if getattr(self, name) < minimum:
+                _fail(name, getattr(self, name), f"an integer >= {minimum} (the theory's "
+                      f"{self.norm} maps need at least {minimum} features; "
+                      "normfield.arch.MIN_NORM_WIDTH)")
+        minimum = MIN_NORM_WIDTH["rmsnorm"]
+        if self.qk_norm and self.d_head < minimum:
+            _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving "
+                  f"d_head >= {minimum} (QK-Norm is an RMSNorm over d_head={self.d_head} "
+                  f"features; the theory's rmsnorm maps need at least {minimum}; "
+                  "normfield.arch.MIN_NORM_WIDTH)")
 
     # ---- derived quantities -------------------------------------------------------------
     @property
