@@ -127,3 +127,25 @@ def test_one_token_sequences_predict_finite_norms_and_no_query_key_gradient():
             np.testing.assert_array_equal(causal.grads[name], value)
         assert np.all(bi.grads["attn.q"] == 0) and np.all(bi.grads["attn.k"] == 0)
         assert np.all(bi.grads["attn.v"] > 0)
+
+
+def test_a_diverging_prediction_raises_naming_the_block_or_the_parameter(monkeypatch):
+    """A non-finite kernel or gradient norm is an error that says where, never a NaN returned
+    (injected here: the theory's own maps stay finite on valid configurations)."""
+    import normfield.theory.predict as theory
+
+    kw = dict(d_model=32, n_heads=2, d_ff=64, seq_len=4, batch_size=2, vocab_size=16)
+    forward, calls = theory.attention.forward, []
+
+    def second_block_overflows(*args, **kwargs):
+        ko, state = forward(*args, **kwargs)
+        calls.append(1)
+        return (ko * np.inf if len(calls) == 2 else ko), state
+
+    monkeypatch.setattr(theory.attention, "forward", second_block_overflows)
+    with pytest.raises(FloatingPointError, match="output of block 1 is not finite"):
+        predict_grad_norms(3, "pre", **kw)
+    monkeypatch.setattr(theory.attention, "forward", forward)
+    monkeypatch.setattr(theory, "token_grad_sq", lambda arch, g: np.nan)
+    with pytest.raises(FloatingPointError, match="'embed.tok' \\(layer 0\\) is nan"):
+        predict_grad_norms(3, "pre", **kw)

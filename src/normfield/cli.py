@@ -394,14 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Invalid input prints one line ``normfield: error: <message>`` on stderr and gives status 2:
     returned for values rejected by Arch/probe/theory (ValueError), raised as ``SystemExit(2)``
-    by argparse for malformed options.  A non-finite gradient gives status 1."""
+    by argparse for malformed options.  A non-finite gradient (measured, or a diverging
+    prediction) gives status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code = args.handler(args)
     except ValueError as exc:
         code = _fail(str(exc) or type(exc).__name__)
-    except ArithmeticError as exc:  # NonFiniteGradientError
+    except ArithmeticError as exc:  # NonFiniteGradientError; a diverging theory
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -544,11 +544,15 @@ class _StackRun:
             x = _normed(x, arch)
         self.embed_out = x
         self.inputs, self.kept, self.stats = [], [], [stream_stats(x)]
-        for blk in self.blocks:
+        for l, blk in enumerate(self.blocks):
             self.inputs.append(x)
             env, saved = blk.forward(x, memory)
             self.kept.append((env, saved) if self.store else None)
             x = env[blk.steps[-1].dst]
+            if not np.isfinite(x.k.a).all():
+                where = "" if stack.role == "single" else f" of the {stack.role}"
+                raise FloatingPointError(f"the theory diverged: the kernel at the output of "
+                                         f"block {l}{where} is not finite ({arch!r})")
             self.stats.append(stream_stats(x))
         self.stream = x
         self.out = _normed(x, arch) if arch.has_final_norm else x
@@ -614,6 +618,11 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
 
     method: ``"analytic"`` (closed-form softmax moments, the default) or ``"mc"`` (fixed-sample
     Monte-Carlo softmax moments, the reference the closed form is validated against).
+
+    Raises ValueError for a bad `arch` or `method`, and FloatingPointError naming the block or
+    the parameter where the theory's kernels or gradient norms stop being finite (seen in a
+    NormFormer with a gated FFN at d_model 4 and two tokens per sequence, where the same-token
+    companion's approximations, made for long sequences, blow up; never a NaN returned).
     """
     if not isinstance(arch, Arch):
         raise ValueError(f"invalid arch={arch!r}: expected a normfield.Arch")
@@ -655,6 +664,11 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
         activations.update({pre + "sq_norm": acts[:, 0], pre + "cos_within": acts[:, 1],
                             pre + "cos_across": acts[:, 2] if b > 1
                             else np.full(run.stack.depth + 1, np.nan)})
+    for name, sq in grads_sq.items():
+        if not np.isfinite(sq).all():
+            layer = int(np.flatnonzero(~np.isfinite(sq))[0])
+            raise FloatingPointError(f"the theory diverged: the squared gradient norm of "
+                                     f"{name!r} (layer {layer}) is {sq[layer]} ({arch!r})")
     meta = {"method": method, "seconds": time.perf_counter() - start}
     return GradProfile(arch=arch, source="theory",
                        grads={k: np.sqrt(np.maximum(v, 0.0)) for k, v in grads_sq.items()},
