@@ -57,6 +57,7 @@ def test_broadcasting_shape():
     (5, 20, 0.5, 2.0, 0.95),     # v1 != v2, causal-like
     (16, 32, 2.0, 0.5, 0.3),
     (64, 64, 0.1, 0.1, 0.95),    # small fluctuations
+    (16, 64, 10.0, 10.0, 0.9),   # large variance (the method holds up to V_MAX = 30)
 ])
 def test_analytic_vs_mc(n1, n2, v1, v2, rho):
     samples = 40_000
@@ -87,6 +88,7 @@ def test_mc_deterministic_and_exact_limits():
     (dict(n1=2, n2=4, v1=-0.1, v2=1.0, rho=0.5), "v1"),
     (dict(n1=2, n2=4, v1=1.0, v2=np.nan, rho=0.5), "v2"),
     (dict(n1=2, n2=4, v1=1.0, v2=1.0, rho=1.2), "rho"),
+    (dict(n1=2, n2=4, v1=1.0, v2=30.5, rho=0.5), r"v2=30.5: .* up to 30 .*method='mc'"),
     (dict(n1=2, n2=4, v1=1.0, v2=1.0, rho=0.5, method="exact"), "method"),
 ])
 def test_bad_inputs(kwargs, match):
@@ -152,3 +154,8 @@ def test_groups_of_one_call_share_its_pair_set_and_give_each_groups_own_moments(
         ft, fq = b * t - 1.0, b * q - (1.0 - 1.0 / a)
         np.testing.assert_allclose(b * T[sel] - 1.0, ft, rtol=1e-4, atol=1e-12)
         np.testing.assert_allclose(b * Q[sel] - (1.0 - 1.0 / a), fq, rtol=1e-4, atol=1e-12)
+
+
+def test_variances_beyond_the_analytic_range_are_left_to_monte_carlo():
+    T, Q = pair_moments(8, 16, 50.0, 50.0, 0.5, method="mc", samples=2048)
+    assert np.isfinite(T) and np.isfinite(Q) and 1 / 16 < T < 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normfield import Arch, predict, predict_grad_norms
+from normfield import Arch, Init, predict, predict_grad_norms
 from normfield.placements import layer_params
 from normfield.probe.model import global_params
 
@@ -67,7 +67,10 @@ def test_qk_temperature_scales_the_logits_of_normalized_queries():
 
 @pytest.mark.parametrize("placement", ["pre", "post", "b2t"])
 def test_encoder_decoder_parameters_present(placement):
-    arch = Arch(depth=2, decoder_depth=3, placement=placement, tied_head=True, **SMALL)
+    # a tied head with Vaswani et al.'s embedding scale (logit variance 1; unit-variance
+    # embeddings would put it at ~d_model, beyond the analytic softmax moments' range)
+    arch = Arch(depth=2, decoder_depth=3, placement=placement, tied_head=True,
+                embed_scale=8.0, init=Init(embed_std=1 / 8), **SMALL)
     prof = predict(arch)
     assert set(prof.names) == set(layer_params(arch)) | set(global_params(arch))
     for name in layer_params(arch):
@@ -103,8 +106,10 @@ def test_embedding_norm_makes_the_network_invariant_to_the_embedding_scale():
     assert one["embed_norm.scale"].shape == (1,) and one["embed_norm.scale"][0] > 0
     for name in one.names:
         np.testing.assert_allclose(three[name], one[name], rtol=1e-9, err_msg=name)
-    plain = predict(base.replace(embed_norm=False, embed_scale=3.0))
-    assert abs(plain["embed.tok"][0] / three["embed.tok"][0] - 1) > 0.1  # without it c matters
+    # without it c matters (at c = 2: the first attention's logit variance grows as c^4, and
+    # at c = 3 it would pass the analytic softmax moments' range)
+    plain = predict(base.replace(embed_norm=False, embed_scale=2.0))
+    assert abs(plain["embed.tok"][0] / three["embed.tok"][0] - 1) > 0.1
 
 
 def test_deep_causal_post_ln_stays_finite():
@@ -149,3 +154,17 @@ def test_a_diverging_prediction_raises_naming_the_block_or_the_parameter(monkeyp
     monkeypatch.setattr(theory, "token_grad_sq", lambda arch, g: np.nan)
     with pytest.raises(FloatingPointError, match="'embed.tok' \\(layer 0\\) is nan"):
         predict_grad_norms(3, "pre", **kw)
+
+
+def test_logit_variances_beyond_the_analytic_range_raise_naming_where():
+    """A head tied to unit-variance embeddings has logit variance ~d_model, and Post-LN's
+    first attention sees the raw embedding (variance embed_scale^2): past softmax.V_MAX the
+    analytic moments would be wrong (and their grid would take GiB), so predict names the
+    place; the Monte-Carlo moments take any variance."""
+    kw = dict(d_model=64, n_heads=2, d_ff=128, seq_len=8, batch_size=2, vocab_size=32)
+    with pytest.raises(ValueError, match=r"^the output head: invalid v=\d+.*V_MAX"):
+        predict_grad_norms(1, "pre", tied_head=True, **kw)
+    with pytest.raises(ValueError, match=r"^block 0: invalid v=.*method='mc'"):
+        predict_grad_norms(1, "post", embed_scale=4.0, **kw)
+    mc = predict_grad_norms(1, "pre", tied_head=True, method="mc", **kw)
+    assert all(np.all(np.isfinite(v)) and np.all(v > 0) for v in mc.grads.values())

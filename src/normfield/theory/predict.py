@@ -21,6 +21,7 @@ on the diagonal), with the softmax moments of `softmax.pair_moments` over the V 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import time
@@ -474,7 +475,14 @@ def head_var(arch: Arch) -> float:
 
 
 def logit_gradient_kernel(arch: Arch, h: Point, method: str) -> Blocks:
-    """E[(p_i - e_{y_i}) . (p_j - e_{y_j})] over the V classes (un-normalized by N)."""
+    """E[(p_i - e_{y_i}) . (p_j - e_{y_j})] over the V classes (un-normalized by N).
+
+    The logits are Gaussian with the head input's kernel, the head weights independent of the
+    input.  For a tied head (the token embedding as head weights) that is an approximation:
+    the input carries its own token's embedding through the residual skips, which raises that
+    token's logit by about (its share of the input) x d x (embedding variance); left out.
+    Measured: within noise at logit variance 1, tens of percent off at 64 and 256 (README,
+    "How the theory works")."""
     v_cls = arch.vocab_size
     var_logit = head_var(arch) * h.width * h.k.diag
     rho = cosine(h.k)
@@ -544,13 +552,14 @@ class _StackRun:
             x = _normed(x, arch)
         self.embed_out = x
         self.inputs, self.kept, self.stats = [], [], [stream_stats(x)]
+        where = "" if stack.role == "single" else f" of the {stack.role}"
         for l, blk in enumerate(self.blocks):
             self.inputs.append(x)
-            env, saved = blk.forward(x, memory)
+            with _located(f"block {l}{where}"):
+                env, saved = blk.forward(x, memory)
             self.kept.append((env, saved) if self.store else None)
             x = env[blk.steps[-1].dst]
             if not np.isfinite(x.k.a).all():
-                where = "" if stack.role == "single" else f" of the {stack.role}"
                 raise FloatingPointError(f"the theory diverged: the kernel at the output of "
                                          f"block {l}{where} is not finite ({arch!r})")
             self.stats.append(stream_stats(x))
@@ -580,6 +589,17 @@ class _StackRun:
             grads_sq[pre + "embed_norm.scale"] = np.array([gain_grad_sq(self.embed_out, g, b, pc)])
             g = norm_backward(self.embedded, self.embed_out, g, arch.norm, arch.norm_eps)
         return g, g_mem
+
+
+@contextlib.contextmanager
+def _located(where: str):
+    """Prefix a ValueError raised inside with where it arose (a logit variance beyond the
+    analytic softmax moments' range, `softmax.V_MAX`, comes from the architecture and its
+    init, deep in the network)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _head_gain(arch: Arch, run: _StackRun) -> str | None:
@@ -619,10 +639,13 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
     method: ``"analytic"`` (closed-form softmax moments, the default) or ``"mc"`` (fixed-sample
     Monte-Carlo softmax moments, the reference the closed form is validated against).
 
-    Raises ValueError for a bad `arch` or `method`, and FloatingPointError naming the block or
-    the parameter where the theory's kernels or gradient norms stop being finite (seen in a
+    Raises ValueError for a bad `arch` or `method`, or, naming the block or the output head,
+    where a logit variance leaves the analytic softmax moments' range (`softmax.V_MAX` = 30;
+    e.g. a head tied to unit-variance embeddings has logit variance ~d_model; ``method="mc"``
+    has no limit).  Raises FloatingPointError naming the block or the parameter where the
+    kernels or gradient norms stop being finite, so a NaN is never returned.  Seen in a
     NormFormer with a gated FFN at d_model 4 and two tokens per sequence, where the same-token
-    companion's approximations, made for long sequences, blow up; never a NaN returned).
+    companion's approximations, made for long sequences, blow up.
     """
     if not isinstance(arch, Arch):
         raise ValueError(f"invalid arch={arch!r}: expected a normfield.Arch")
@@ -639,7 +662,8 @@ def predict(arch: Arch, method: str = "analytic") -> GradProfile:
     grads_sq: dict[str, np.ndarray] = {}
     h = runs[-1].out
     big_n = b * n
-    dk = logit_gradient_kernel(arch, h, method)
+    with _located("the output head"):
+        dk = logit_gradient_kernel(arch, h, method)
     g = dk * (head_var(arch) / big_n ** 2)
     head_sq = h.width * pair_sum(h.k, dk, b, collision_prob(arch)) / big_n ** 2
     for i in reversed(range(len(runs))):
