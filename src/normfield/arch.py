@@ -231,6 +231,8 @@ class Arch:
 
         normed = {"d_model"} if self.embed_norm or self.has_final_norm else set()
         for stack in stacks(self):
+            # blocks differ by layer only in where their norms sit (Mix-LN: Post-LN blocks
+            # first, Pre-LN blocks after), so the first and last blocks hold every norm width
             for layer in {0, stack.depth - 1}:
                 normed |= {"d_ff" if step.width == "ff" else "d_model"
                            for step in block(self, layer, stack) if isinstance(step, Norm)}

@@ -169,7 +169,10 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
     grid variances: linearly in log v on a 5% grid (so that layers, rows and calls share a
     few cached evaluations; the interpolation error is ~(0.05^2/8) |d^2 f/d(log v)^2|, below
     1e-3 of the fluctuation parts), and linearly in v between 0 (exact uniform limit) and
-    1e-3, where the fluctuation parts are linear in v.  ``method="mc"`` is not interpolated."""
+    1e-3, where the fluctuation parts are linear in v.  ``method="mc"`` is not interpolated.
+    The analytic range (`softmax.V_MAX`, 30) bounds the upper grid variance, so v itself may
+    reach the largest grid variance within it, ``exp(68 LOG_STEP)`` = 29.96; beyond it the
+    ValueError names the grid variance (31.5)."""
     v = np.asarray(v, float)
     if method == "mc":
         return pair_moments(n1, n2, v, v, rho, method=method)
