@@ -32,7 +32,9 @@ Backward (values):  G_v = Abar^T G_o Abar + sum_ii' a G_o (delta - 1/n1) on S1 x
 Backward (queries, keys): with ``g_s_ij = A_ij g_o_i . (v_j - o_i)`` the logit gradient,
     G_q(i, i') = G_o(i, i') [M_q(i, i') + r_v r_k (Q - Q0)],
     G_k(j, j') = sum_ii' G_o K_q (i, i') [M_k(i, i')_jj' + r_v (Q - Q0)/(n1 - 1) (delta - 1/n1)],
-where M_q, M_k are the same sums with A replaced by Abar and the actual (positional) kernels,
+where M_q, M_k are the same sums with A replaced by Abar and the actual (positional) kernels
+(G_k's second term takes ``K_q (Q - Q0)`` as its expectation over the head's realized query Gram,
+the leading 1/d_head correction of `query_gram`; not with RoPE or QK-Norm),
 ``Q = E[sum_j A_ij A_i'j (1 - A_ij - A_i'j)] + E[(sum_j A_ij A_i'j)^2]`` and
 ``Q0 = (1 - 1/n1)/n2`` its value at Abar.  Tokens of different sequences have independent
 fluctuations, so their blocks keep only the mean-attention terms.
@@ -65,6 +67,7 @@ import numpy as np
 from normfield.data import rope_angles
 from normfield.theory.kernels import Blocks, pair_sum
 from normfield.theory.maps import Point, norm_backward, norm_forward
+from normfield.theory.query_gram import expected_overlap_product
 from normfield.theory.softmax import pair_moments, pair_moments_at
 
 
@@ -160,6 +163,24 @@ class Mask:
         return out
 
 
+class _RowPairs:
+    """The pairs i <= i' of n rows, for maps symmetric in the two rows: `upper` takes them from
+    (..., n, n) arrays (scalars pass through), `full` fills both triangles back."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.rows, self.cols = np.triu_indices(n)
+
+    def upper(self, x):
+        return x[..., self.rows, self.cols] if np.ndim(x) >= 2 else x
+
+    def full(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty(x.shape[:-1] + (self.n, self.n))
+        out[..., self.rows, self.cols] = x
+        out[..., self.cols, self.rows] = x
+        return out
+
+
 LOG_STEP = 0.05
 V_FLOOR = 1e-3
 
@@ -172,7 +193,9 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
     1e-3, where the fluctuation parts are linear in v.  ``method="mc"`` is not interpolated.
     The analytic range (`softmax.V_MAX`, 30) bounds the upper grid variance, so v itself may
     reach the largest grid variance within it, ``exp(68 LOG_STEP)`` = 29.96; beyond it the
-    ValueError names the grid variance (31.5)."""
+    ValueError names the grid variance (31.5).  The key gradient's realized-Gram term
+    (`query_gram`) also reads v one grid step up, so attention logit variances up to
+    ``exp(67 LOG_STEP)`` = 28.5 stay within it."""
     v = np.asarray(v, float)
     if method == "mc":
         return pair_moments(n1, n2, v, v, rho, method=method)
@@ -398,6 +421,7 @@ class AttentionState:
     kv: Blocks
     a_fluct: np.ndarray  # a(i, i')
     q_fluct: np.ndarray  # Q - Q0
+    key_fluct: np.ndarray  # E[Qhat (Q - Q0)] (realized query Gram, `query_gram`): key gradient's
     rv: np.ndarray  # r_v over the shared set of each pair
     rk: np.ndarray
     n1: np.ndarray
@@ -585,16 +609,29 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     qd_pairs = np.maximum(qd[:, None] * qd[None, :], 1e-300)
     v_pairs = np.sqrt(row_var[:, None] * row_var[None, :])
 
+    # the pair moments are symmetric in the two rows: evaluated on the pairs i <= i' only
+    pairs = _RowPairs(n)
+    n1_u, n2_u, v_u = pairs.upper(n1), pairs.upper(n2), pairs.upper(v_pairs)
+    q0 = (1.0 - 1.0 / n1_u) / n2_u
+
+    def rho_of(kq_within):
+        return pairs.upper(_clip_unit(rot.apply(kq_within) / qd_pairs))
+
     def moments(kq_within):  # a and Q - Q0 of the row pairs, from their query kernel
-        rho = _clip_unit(rot.apply(kq_within) / qd_pairs)
-        t1, q = softmax_moments(n1, n2, v_pairs, rho, method)
-        return _per_extra_key(t1 - 1.0 / n2, n1), q - (1.0 - 1.0 / n1) / n2
+        t1, q = softmax_moments(n1_u, n2_u, v_u, rho_of(kq_within), method)
+        return pairs.full(_per_extra_key(t1 - 1.0 / n2_u, n1_u)), pairs.full(q - q0)
 
     a_same = q_same = None
     if kq.same is None:
         a_fluct, q_fluct = moments(kq.w)
     else:  # same-token query pairs (`kernels`): their own a and Q, one call for both
         (a_fluct, a_same), (q_fluct, q_same) = moments(kq.a[0::2])
+    if rot.identity and not spec.qk_norm:  # Q - Q0 times the realized query Gram (`query_gram`)
+        key_fluct = qd_pairs * pairs.full(expected_overlap_product(
+            lambda vs, rs: softmax_moments(n1_u, n2_u, vs, rs, method)[1] - q0, v_u,
+            rho_of(kq.w), spec.d_head, LOG_STEP))
+    else:
+        key_fluct = kq.w * q_fluct
     gram, gram_k = gram_fluctuation(mask, kx_kv.main, 1.0 / width if fluct is None else fluct,
                                     None if rot.identity else rot)
     s_k, s_v = var_k * width, var_v * width
@@ -610,8 +647,8 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
         ko[2] += (a_same - a_fluct) * spread_v * (1.0 + coherent)
         gram, gram_k = gram.with_same(), gram_k.with_same()
     ko += kq.a * gram.a * (s_k * s_v * (1.0 + coherent))
-    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, rv, rk, n1, raw_q, raw_k, gram, gram_k,
-                           s_k, s_v, coherent, q_same, kx_memory is not None)
+    state = AttentionState(kq, kk, kv, a_fluct, q_fluct, key_fluct, rv, rk, n1, raw_q, raw_k,
+                           gram, gram_k, s_k, s_v, coherent, q_same, kx_memory is not None)
     return Blocks.of(ko), state
 
 
@@ -633,7 +670,7 @@ def backward(go: Blocks, mask: Mask, st: AttentionState, spec: HeadSpec | None =
     else:
         gq = rot.modulated(lambda k: _mean_query_term(mask, k, kv), kk)
         gk = rot.modulated(lambda w: _mean_key_term(mask, w, kv), wk)
-    gk[0] += _spread_by_set(wk[0] * (_per_extra_key(st.q_fluct, st.n1) * st.rv), st.n1)
+    gk[0] += _spread_by_set(go.w * (_per_extra_key(st.key_fluct, st.n1) * st.rv), st.n1)
     if st.q_fluct_same is not None:
         gq, gk = (np.concatenate((x, x)) for x in (gq, gk))
         # cross-attention: a memory pair holding the same token says nothing of the output
