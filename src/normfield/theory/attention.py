@@ -421,7 +421,7 @@ class AttentionState:
     kv: Blocks
     a_fluct: np.ndarray  # a(i, i')
     q_fluct: np.ndarray  # Q - Q0
-    key_fluct: np.ndarray  # E[Qhat (Q - Q0)] (realized query Gram, `query_gram`): key gradient's
+    key_fluct: np.ndarray  # the key gradient's E[Qhat (Q - Q0)] (`query_gram`)
     rv: np.ndarray  # r_v over the shared set of each pair
     rk: np.ndarray
     n1: np.ndarray
