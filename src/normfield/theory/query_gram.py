@@ -42,10 +42,11 @@ Not covered (`attention` keeps the mean-field Gram there):
     Gram reads attn.k +1.6 / +1.6 / +2.6% at d_head 8 / 16 / 32 and this correction would
     give +12.7 / +6.9 / +5.2%;
   * the key Gram's realization in the query gradient (its softmax rows see every key), and
-    higher orders in 1/d_head (+1.9% on attn.k at d_head 4 in the test below).
+    higher orders in 1/d_head (one attention as above at d_head 4: attn.k -22.4% with the
+    mean-field Gram, +1.9% with this term).
 Checked: `tests/test_theory_query_gram.py` (exactness for linear f, a sampled Wishart
 expectation) and `tests/test_theory_attention_finite_width.py` (one-attention Monte Carlo at
-d_head 4 and 8, bidirectional and causal)."""
+d_head 8, bidirectional and causal)."""
 
 from __future__ import annotations
 
