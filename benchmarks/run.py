@@ -9,9 +9,11 @@ Measures, in one process on ``jax.devices()[0]``:
     GPT-2-small shape (or a small shape with --quick), for float32 / tf32 / bfloat16:
     steady-state seconds per call, achieved TFLOP/s from the analytic FLOP count below, fraction
     of that precision's matmul peak, and the max relative difference of the per-seed gradient
-    norms against float32; then the variants in `VARIANTS` (layers unrolled instead of scanned,
-    rematerialized blocks) against the same float32 reference;
-  * compile time (``_run_chunk.lower(...).compile()``) at depth 6 and depth 48;
+    norms against float32; then the variants in `VARIANTS` (layers unrolled into a Python loop,
+    2 or 4 layers per scan step, rematerialized blocks; `--variants` picks some) against the
+    same float32 reference;
+  * compile time (``_run_chunk.lower(...).compile()``) at depth 6 and depth 48, for the
+    default scan and for each chosen ``scan_unroll`` variant;
   * peak device memory (``memory_stats()``; null where the backend has none, e.g. CPU);
   * an optional PyTorch reference (`torch_reference.py`; skipped when torch is missing);
   * the theory (`predict_grad_norms`) time at depth 12, 48 (seq_len 128), 1000 and 10000
@@ -56,7 +58,11 @@ FULL_SHAPE = dict(d_model=768, n_heads=12, d_ff=3072, depth=12, seq_len=512, bat
 QUICK_SHAPE = dict(d_model=128, n_heads=2, d_ff=512, depth=4, seq_len=64, batch_size=2,
                    vocab_size=512)
 PRECISIONS = ("float32", "tf32", "bfloat16")
-VARIANTS = {"unroll": PRECISIONS, "remat": ("float32",)}  # probe options timed beside the scan
+# probe options timed beside the default scan: name -> (options of `_run_chunk`, precisions)
+VARIANTS = {"unroll": ({"unroll": True}, PRECISIONS),
+            "scan_unroll2": ({"scan_unroll": 2}, PRECISIONS),
+            "scan_unroll4": ({"scan_unroll": 4}, PRECISIONS),
+            "remat": ({"remat": True}, ("float32",))}
 
 
 def forward_flops(shape: dict) -> float:
@@ -152,7 +158,7 @@ def time_probe(arch, prec, keys, flops, peak, min_time, repeats, ref=None, **opt
            "tflops": tflops, "fraction_of_peak": tflops / peak,
            "max_rel_diff_vs_float32": max_rel(seed, seed_ref),
            "profile_max_rel_diff_vs_float32": max_rel(prof, prof_ref)}
-    label = prec + "".join(f" {k}" for k, v in options.items() if v)
+    label = prec + "".join(f" {k}={v}" for k, v in options.items() if v)
     print(f"  probe {label:16s}: {steady:.4f} s/call, {tflops:.4f} TFLOP/s "
           f"({100 * tflops / peak:.1f}% of peak), vs float32: per seed "
           f"max {row['max_rel_diff_vs_float32']:.1e}, profile max "
@@ -160,32 +166,41 @@ def time_probe(arch, prec, keys, flops, peak, min_time, repeats, ref=None, **opt
     return row, norms
 
 
-def bench_probe(shape, seeds, peaks, min_time, repeats) -> tuple[dict, dict]:
-    """The probe (one `lax.scan` over layers) in every precision, then the variants: layers
-    unrolled into a Python loop, and rematerialized blocks (`remat`), against the same float32
-    reference."""
+def bench_probe(shape, seeds, peaks, min_time, repeats, variants) -> tuple[dict, dict]:
+    """The probe (one `lax.scan` over layers) in every precision, then the named `VARIANTS`
+    against the same float32 reference."""
     arch = make_arch(shape)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
     flops = train_flops(shape, seeds)
-    out, variants, ref = {}, {name: {} for name in VARIANTS}, None
+    out, rows, ref = {}, {name: {} for name in variants}, None
     for prec in PRECISIONS:
         out[prec], norms = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"], min_time,
                                       repeats, ref)
         ref = ref or norms
-    for name, precisions in VARIANTS.items():
+    for name in variants:
+        options, precisions = VARIANTS[name]
         for prec in precisions:
-            variants[name][prec], _ = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"],
-                                                 min_time, repeats, ref, **{name: True})
-    return out, {"flops_per_call": flops, "seeds": seeds, "probe_variants": variants}
+            rows[name][prec], _ = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"],
+                                             min_time, repeats, ref, **options)
+    return out, {"flops_per_call": flops, "seeds": seeds, "probe_variants": rows}
 
 
-def compile_time(shape, depth, seeds, precision="float32") -> float:
+def compile_time(shape, depth, seeds, precision="float32", **options) -> float:
     arch = make_arch(shape, depth=depth)
     keys = jax.random.split(jax.random.PRNGKey(1), seeds)
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
         t = time.perf_counter()
-        _run_chunk.lower(arch, precision, keys).compile()
+        _run_chunk.lower(arch, precision, keys, **options).compile()
         return time.perf_counter() - t
+
+
+def compile_times(shape, seeds, **options) -> dict:
+    """Compile time of the float32 chunk at depth 6 and 48 (with the `_run_chunk` options)."""
+    c6, c48 = compile_time(shape, 6, seeds, **options), compile_time(shape, 48, seeds, **options)
+    label = "".join(f" {k}={v}" for k, v in options.items())
+    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s{label}", flush=True)
+    return {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
+            "method": f"_run_chunk.lower(arch, 'float32', keys{label}).compile()"}
 
 
 def memory_peak():
@@ -240,7 +255,14 @@ def main(argv=None) -> dict:
                    help="also time the theory at depth 10000 in --quick mode")
     p.add_argument("--theory-only", action="store_true",
                    help="only the theory timings (written to --out); used by the child process")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated probe variants to time beside the default scan, from "
+                        + ", ".join(VARIANTS) + " (default: all)")
     args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     quick = args.quick
     shape = QUICK_SHAPE if quick else FULL_SHAPE
     with_10000 = not quick or args.theory_10000
@@ -277,15 +299,15 @@ def main(argv=None) -> dict:
     res["matmul_peak"] = matmul_peak(mm_size, min_time)
 
     print("probe:", flush=True)
-    res["probe"], info = bench_probe(shape, seeds, res["matmul_peak"], min_time, repeats)
+    res["probe"], info = bench_probe(shape, seeds, res["matmul_peak"], min_time, repeats,
+                                     variants)
     res.update(info)
     res["peak_memory"] = memory_peak()
 
     print("compile time:", flush=True)
-    c6, c48 = compile_time(shape, 6, seeds), compile_time(shape, 48, seeds)
-    res["compile"] = {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
-                      "method": "_run_chunk.lower(arch, 'float32', keys).compile()"}
-    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s", flush=True)
+    res["compile"] = compile_times(shape, seeds)
+    res["compile_variants"] = {name: compile_times(shape, seeds, **VARIANTS[name][0])
+                               for name in variants if "scan_unroll" in VARIANTS[name][0]}
 
     print("torch reference:", flush=True)
     res["torch_reference"] = {}
@@ -355,9 +377,9 @@ def print_table(r: dict) -> None:
                   f"({100 * pr['fraction_of_peak']:.1f}% of peak; scan "
                   f"{r['probe'][prec]['seconds_per_call']:.4f} s), profile diff vs float32 "
                   f"{pr['profile_max_rel_diff_vs_float32']:.2e}")
-    c = r["compile"]
-    print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
-          f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
+    for name, c in {"scan": r["compile"], **r.get("compile_variants", {})}.items():
+        print(f"compile (float32, {name}): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
+              f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
     pm = r["peak_memory"]
     print("peak device memory: " + ("null (not reported by this backend)" if pm is None else
                                     f"{pm.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB"))
