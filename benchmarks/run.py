@@ -10,10 +10,8 @@ Measures, in one process on ``jax.devices()[0]``:
     steady-state seconds per call, achieved TFLOP/s from the analytic FLOP count below, fraction
     of that precision's matmul peak, and the max relative difference of the per-seed gradient
     norms against float32; then the variants in `VARIANTS` (layers unrolled into a Python loop,
-    2 or 4 layers per scan step, rematerialized blocks; `--variants` picks some) against the
-    same float32 reference;
-  * compile time (``_run_chunk.lower(...).compile()``) at depth 6 and depth 48, for the
-    default scan and for each chosen ``scan_unroll`` variant;
+    rematerialized blocks; `--variants` picks some) against the same float32 reference;
+  * compile time (``_run_chunk.lower(...).compile()``) at depth 6 and depth 48;
   * peak device memory (``memory_stats()``; null where the backend has none, e.g. CPU);
   * an optional PyTorch reference (`torch_reference.py`; skipped when torch is missing);
   * the theory (`predict_grad_norms`) time at depth 12, 48 (seq_len 128), 1000 and 10000
@@ -60,8 +58,6 @@ QUICK_SHAPE = dict(d_model=128, n_heads=2, d_ff=512, depth=4, seq_len=64, batch_
 PRECISIONS = ("float32", "tf32", "bfloat16")
 # probe options timed beside the default scan: name -> (options of `_run_chunk`, precisions)
 VARIANTS = {"unroll": ({"unroll": True}, PRECISIONS),
-            "scan_unroll2": ({"scan_unroll": 2}, PRECISIONS),
-            "scan_unroll4": ({"scan_unroll": 4}, PRECISIONS),
             "remat": ({"remat": True}, ("float32",))}
 
 
@@ -185,22 +181,13 @@ def bench_probe(shape, seeds, peaks, min_time, repeats, variants) -> tuple[dict,
     return out, {"flops_per_call": flops, "seeds": seeds, "probe_variants": rows}
 
 
-def compile_time(shape, depth, seeds, precision="float32", **options) -> float:
+def compile_time(shape, depth, seeds, precision="float32") -> float:
     arch = make_arch(shape, depth=depth)
     keys = jax.random.split(jax.random.PRNGKey(1), seeds)
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
         t = time.perf_counter()
-        _run_chunk.lower(arch, precision, keys, **options).compile()
+        _run_chunk.lower(arch, precision, keys).compile()
         return time.perf_counter() - t
-
-
-def compile_times(shape, seeds, **options) -> dict:
-    """Compile time of the float32 chunk at depth 6 and 48 (with the `_run_chunk` options)."""
-    c6, c48 = compile_time(shape, 6, seeds, **options), compile_time(shape, 48, seeds, **options)
-    label = "".join(f" {k}={v}" for k, v in options.items())
-    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s{label}", flush=True)
-    return {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
-            "method": f"_run_chunk.lower(arch, 'float32', keys{label}).compile()"}
 
 
 def memory_peak():
@@ -305,9 +292,10 @@ def main(argv=None) -> dict:
     res["peak_memory"] = memory_peak()
 
     print("compile time:", flush=True)
-    res["compile"] = compile_times(shape, seeds)
-    res["compile_variants"] = {name: compile_times(shape, seeds, **VARIANTS[name][0])
-                               for name in variants if "scan_unroll" in VARIANTS[name][0]}
+    c6, c48 = compile_time(shape, 6, seeds), compile_time(shape, 48, seeds)
+    res["compile"] = {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
+                      "method": "_run_chunk.lower(arch, 'float32', keys).compile()"}
+    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s", flush=True)
 
     print("torch reference:", flush=True)
     res["torch_reference"] = {}
@@ -377,9 +365,9 @@ def print_table(r: dict) -> None:
                   f"({100 * pr['fraction_of_peak']:.1f}% of peak; scan "
                   f"{r['probe'][prec]['seconds_per_call']:.4f} s), profile diff vs float32 "
                   f"{pr['profile_max_rel_diff_vs_float32']:.2e}")
-    for name, c in {"scan": r["compile"], **r.get("compile_variants", {})}.items():
-        print(f"compile (float32, {name}): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
-              f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
+    c = r["compile"]
+    print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
+          f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
     pm = r["peak_memory"]
     print("peak device memory: " + ("null (not reported by this backend)" if pm is None else
                                     f"{pm.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB"))

@@ -59,3 +59,11 @@ def test_theory_speed_reports_a_failing_configuration_with_its_error():
     speed = _load(RUN.parent / "theory_speed.py")
     with pytest.raises(RuntimeError, match="invalid mask='sideways'"):
         speed.time_in_fresh_process(2, "pre", 4, "sideways", {}, repeats=1)
+
+
+def test_run_names_an_unknown_variant_and_the_valid_ones(capsys):
+    run = _load(RUN)
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--variants", "remat,sideways"])
+    err = capsys.readouterr().err
+    assert "unknown --variants sideways" in err and "unroll, remat" in err

@@ -237,8 +237,7 @@ def cmd_probe(args) -> int:
     from normfield.probe.measure import measure_grad_norms
 
     profile = measure_grad_norms(arch, seeds=args.seeds, key=args.key, precision=args.precision,
-                                 chunk=args.chunk, remat=args.remat, unroll=args.unroll,
-                                 scan_unroll=args.scan_unroll)
+                                 chunk=args.chunk, remat=args.remat, unroll=args.unroll)
     return _emit(profile, args)
 
 
@@ -333,9 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unroll", action="store_true",
                    help="layers as a Python loop instead of one lax.scan: faster on a GPU, "
                         "compile time grows with depth")
-    g.add_argument("--scan-unroll", type=int, default=1, metavar="K",
-                   help="layers per step of the lax.scan: fusion across K layers, compile time "
-                        "grows with K, not with depth (default: %(default)s)")
     g.add_argument("--out", metavar="PATH", help=out_help)
     p.set_defaults(handler=cmd_probe)
 

@@ -84,25 +84,23 @@ def _squared_norms(grads) -> dict:
     return out
 
 
-def one_seed(arch, precision, key, remat=False, unroll=False, scan_unroll=1):
+def one_seed(arch, precision, key, remat=False, unroll=False):
     """Per-parameter squared gradient norms, stream statistics and the batch's token
-    collision counts (`collisions`) for one seed (`remat`, `unroll`, `scan_unroll`: the
-    layout options of `model.forward`; same numbers up to float rounding)."""
+    collision counts (`collisions`) for one seed (`unroll`: the layers as a Python loop
+    instead of one `lax.scan`; same numbers, compile time grows with depth)."""
     k_param, k_data = jax.random.split(key)
     params = init_params(arch, k_param)
     tokens, targets = sample_batch(arch, k_data)
-    loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll,
-                   scan_unroll=scan_unroll)
+    loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll)
     grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
     return _squared_norms(grads), stats, collisions(arch, tokens, targets)
 
 
-@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "unroll", "scan_unroll"))
-def _run_chunk(arch, precision, keys, remat=False, unroll=False, scan_unroll=1):
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "unroll"))
+def _run_chunk(arch, precision, keys, remat=False, unroll=False):
     """All seeds of a chunk in one compiled call (parameters and data are created on device
     from the keys, so nothing but the keys goes in and only (seeds, depth) arrays come out)."""
-    return jax.vmap(partial(one_seed, arch, precision, remat=remat, unroll=unroll,
-                            scan_unroll=scan_unroll))(keys)
+    return jax.vmap(partial(one_seed, arch, precision, remat=remat, unroll=unroll))(keys)
 
 
 def _shard(keys):
@@ -116,7 +114,7 @@ def _shard(keys):
 def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
     """Dispatch every chunk of seeds (asynchronously; nothing is fetched): on `device`, or with
     the seed axis sharded over all local devices when `device` is None.  `options`: the
-    compiled chunk's ``remat``, ``unroll`` and ``scan_unroll``."""
+    compiled chunk's ``remat`` and ``unroll`` flags."""
     keys = jax.random.split(jax.random.PRNGKey(key), seeds)
     place = _shard if device is None else (lambda k: jax.device_put(k, device))
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
@@ -124,11 +122,10 @@ def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
                 for lo in range(0, seeds, chunk)]
 
 
-def _check_args(seeds, key, precision, chunk, scan_unroll) -> int:
+def _check_args(seeds, key, precision, chunk) -> int:
     check_int("seeds", seeds, 1)
     check_int("key", key, 0)
     check_choice("precision", precision, PRECISIONS)
-    check_int("scan_unroll", scan_unroll, 1)
     chunk = seeds if chunk is None else chunk
     check_int("chunk", chunk, 1)
     return chunk
@@ -136,7 +133,7 @@ def _check_args(seeds, key, precision, chunk, scan_unroll) -> int:
 
 def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
                        chunk: int | None = None, remat: bool = False,
-                       unroll: bool = False, scan_unroll: int = 1) -> GradProfile:
+                       unroll: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
 
     The mean over seeds is the control-variate estimate on the token collisions each seed's
@@ -157,25 +154,20 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
         float rounding, 6-24% less time per call at the GPT-2-small shape on an H200, but the
         first call (compile and autotuning) took 106-113 s instead of 14-48 s at depth 12
         and grows with depth (benchmarks/README.md): worth it for many calls of one shape.
-      scan_unroll: layers per step of the scan (`lax.scan`'s ``unroll``; ignored with
-        `unroll`): XLA can fuse across that many consecutive layers and the loop's per-step
-        bookkeeping runs that many times less, while the compile time grows with it, not with
-        depth (benchmarks/README.md has the H200 timings).
     Raises:
       ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
       a gradient is NaN or infinite (never averaged away).
     """
-    chunk = _check_args(seeds, key, precision, chunk, scan_unroll)
+    chunk = _check_args(seeds, key, precision, chunk)
     start = time.perf_counter()
     # every chunk is dispatched before any result is fetched: no host round trip in between
-    options = {"remat": remat, "unroll": unroll, "scan_unroll": scan_unroll}
+    options = {"remat": remat, "unroll": unroll}
     parts = jax.device_get(_dispatch(arch, seeds, key, precision, chunk, options))
     return _profile(arch, parts, seeds, key, precision, options, time.perf_counter() - start)
 
 
 def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float32",
-                  chunk: int | None = None, remat: bool = False, unroll: bool = False,
-                  scan_unroll: int = 1):
+                  chunk: int | None = None, remat: bool = False, unroll: bool = False):
     """`measure_grad_norms` of every Arch of `archs`, yielded in order, with the configuration
     axis spread over the local devices: configurations go out in waves of one per device
     (each pinned to its device, all of a wave dispatched before any result is fetched), so
@@ -183,9 +175,8 @@ def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float3
     (up to float rounding); the metadata names the device (``sweep_device``) and the seconds
     from the wave's dispatch to this result.  Bad arguments raise ValueError at the call, not at
     the first result."""
-    chunk = _check_args(seeds, key, precision, chunk, scan_unroll)
-    options = {"remat": remat, "unroll": unroll, "scan_unroll": scan_unroll}
-    return _sweep(list(archs), seeds, key, precision, chunk, options)
+    chunk = _check_args(seeds, key, precision, chunk)
+    return _sweep(list(archs), seeds, key, precision, chunk, {"remat": remat, "unroll": unroll})
 
 
 def _sweep(archs, seeds, key, precision, chunk, options):

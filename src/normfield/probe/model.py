@@ -250,7 +250,7 @@ def embed(arch, params, tokens, prefix=""):
 
 
 def run_stack(arch, stack, params, tokens, precision="float32", unroll=False, remat=False,
-              memory=None, scan_unroll=1):
+              memory=None):
     """Embedding, blocks and final norm of one stack: (output, stream statistics (depth+1, 3))."""
     x = embed(arch, params, tokens, stack.prefix)
     stats = [stream_stats(x)[None]]
@@ -269,40 +269,35 @@ def run_stack(arch, stack, params, tokens, precision="float32", unroll=False, re
                 x, s = body(x, jax.tree_util.tree_map(lambda a: a[i], (layer_p, consts)))
                 stats.append(s[None])
         else:
-            x, s = jax.lax.scan(body, x, (layer_p, jnp.asarray(consts)), unroll=scan_unroll)
+            x, s = jax.lax.scan(body, x, (layer_p, jnp.asarray(consts)))
             stats.append(s)
     if arch.has_final_norm:
         x = _norm(arch, x, params[stack.prefix + "final_norm.scale"])
     return x, jnp.concatenate(stats, axis=0)
 
 
-def forward(arch, params, tokens, precision="float32", unroll=False, remat=False, scan_unroll=1):
+def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
     """Logits (batch, seq, vocab) and stream statistics ``{stack prefix: (depth + 1, 3)}``.
 
     tokens: (batch, seq) ints, or for an encoder-decoder the pair (source tokens, decoder
     input tokens).
-    unroll: the layers as a Python loop instead of a `lax.scan` (compile time grows with depth).
     remat: recompute each block's activations in the backward pass (`jax.checkpoint`), so
     that only the block inputs are stored: memory O(depth) blocks instead of every
-    intermediate, at the cost of a second forward pass.
-    scan_unroll: layers per step of the scan (`lax.scan`'s ``unroll``): XLA can fuse across
-    that many consecutive layers and the loop's per-step bookkeeping runs that many times
-    less; compile time grows with it, not with depth."""
+    intermediate, at the cost of a second forward pass."""
     sts = stacks(arch)
     token_sets = (tokens,) if len(sts) == 1 else tokens
     memory, stats = None, {}
     for st, toks in zip(sts, token_sets):
         memory, stats[st.prefix] = run_stack(arch, st, params, toks, precision, unroll, remat,
-                                             memory, scan_unroll)
+                                             memory)
     head = params[sts[-1].prefix + "embed.tok"].T if arch.tied_head else params["head.out"]
     return _matmul(memory, head, precision), stats
 
 
-def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False,
-            scan_unroll=1):
+def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False):
     """Mean cross-entropy over all batch_size * seq_len (decoder) positions; aux = stream
     statistics."""
-    logits, stats = forward(arch, params, tokens, precision, unroll, remat, scan_unroll)
+    logits, stats = forward(arch, params, tokens, precision, unroll, remat)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
     return jnp.mean(nll), stats
