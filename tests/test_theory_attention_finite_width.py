@@ -122,7 +122,7 @@ def test_realized_query_gram_term_of_the_key_gradient_vs_mc(kind, samples, monke
     assert np.all(np.abs(theory - mean) < tol), (theory / mean - 1, tol / mean)
     mean_field = attention.expected_overlap_product
     monkeypatch.setattr(attention, "expected_overlap_product",
-                        lambda f, v, r, d_head, step: mean_field(f, v, r, 10 ** 12, step))
+                        lambda f, r, d_head, step: mean_field(f, r, 10 ** 12, step))
     without = _weight_gradients(k, g, d, d_head, kind)
     assert abs(without[1] - mean[1]) > tol[1], (without[1] / mean[1] - 1, tol[1] / mean[1])
 

@@ -10,6 +10,12 @@ from normfield.theory.attention import LOG_STEP
 from normfield.theory.query_gram import expected_overlap_product
 
 
+def stepped(f, v):
+    """f(v, rho) as `expected_overlap_product` asks for it: at rho = r and the variances
+    v exp(j LOG_STEP) for the steps j."""
+    return lambda r, steps: [f(v * np.exp(j * LOG_STEP), r) for j in steps]
+
+
 @pytest.mark.parametrize("rho", [0.3, 0.8, 1.0, -0.5])
 @pytest.mark.parametrize("d_head", [8, 64])
 def test_exact_for_a_moment_linear_in_v_and_rho(rho, d_head):
@@ -18,8 +24,8 @@ def test_exact_for_a_moment_linear_in_v_and_rho(rho, d_head):
     expansion is exact but for the central difference of e^u on the log-variance grid, LOG_STEP^2/6
     = 4e-4 of the correction."""
     v = np.array([0.7])
-    got = expected_overlap_product(lambda vs, rs: 2.0 * vs * rs, v, np.array([rho]), d_head,
-                                   LOG_STEP)
+    got = expected_overlap_product(stepped(lambda vs, rs: 2.0 * vs * rs, v), np.array([rho]),
+                                   d_head, LOG_STEP)
     want = 2.0 * 0.7 * (rho ** 2 + (1.0 + rho ** 2) / d_head)
     np.testing.assert_allclose(got, want, rtol=2e-4)
 
@@ -42,6 +48,7 @@ def test_matches_a_sampled_wishart_gram_for_a_nonlinear_moment(rho):
     lead = rho * f(v, rho)
     sampled = sample.mean() - lead
     se = sample.std() / np.sqrt(len(sample))
-    got = expected_overlap_product(f, np.array([v]), np.array([rho]), d_head, LOG_STEP)[0] - lead
+    got = expected_overlap_product(stepped(f, np.array([v])), np.array([rho]), d_head,
+                                   LOG_STEP)[0] - lead
     assert abs(got - sampled) < 4 * se + 0.05 * abs(sampled), (got, sampled, se)
     assert abs(sampled) > 5 * (4 * se + 0.05 * abs(sampled))  # the correction is resolved

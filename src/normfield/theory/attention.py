@@ -165,20 +165,31 @@ class Mask:
 
 class _RowPairs:
     """The pairs i <= i' of n rows, for maps symmetric in the two rows: `upper` takes them from
-    (..., n, n) arrays (scalars pass through), `full` fills both triangles back."""
+    (..., n, n) arrays (scalars pass through), `full` fills both triangles back.  One per n
+    (`_row_pairs`)."""
 
     def __init__(self, n: int):
         self.n = n
-        self.rows, self.cols = np.triu_indices(n)
+        rows, cols = np.triu_indices(n)
+        # flat positions of (i, i') and (i', i): one-axis indexing is several times faster
+        # than indexing with the (rows, cols) pair
+        self.upper_at, self.lower_at = rows * n + cols, cols * n + rows
 
     def upper(self, x):
-        return x[..., self.rows, self.cols] if np.ndim(x) >= 2 else x
+        if np.ndim(x) < 2:
+            return x
+        return x.reshape(x.shape[:-2] + (self.n * self.n,))[..., self.upper_at]
 
     def full(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty(x.shape[:-1] + (self.n, self.n))
-        out[..., self.rows, self.cols] = x
-        out[..., self.cols, self.rows] = x
-        return out
+        out = np.empty(x.shape[:-1] + (self.n * self.n,))
+        out[..., self.upper_at] = x
+        out[..., self.lower_at] = x
+        return out.reshape(x.shape[:-1] + (self.n, self.n))
+
+
+@functools.lru_cache(maxsize=8)
+def _row_pairs(n: int) -> _RowPairs:
+    return _RowPairs(n)
 
 
 LOG_STEP = 0.05
@@ -196,9 +207,37 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
     ValueError names the grid variance (31.5).  The key gradient's realized-Gram term
     (`query_gram`) also reads v one grid step up, so attention logit variances up to
     ``exp(67 LOG_STEP)`` = 28.5 stay within it."""
+    return softmax_moments_stepped(n1, n2, v, rho, (0,), method)[0]
+
+
+def softmax_moments_stepped(n1, n2, v, rho, steps, method: str = "analytic"):
+    """`softmax_moments` at the variances ``v exp(j LOG_STEP)`` for each integer j of `steps`
+    (a list of (T1, Q)), at one rho: the grid variances the steps share (step j's upper one is
+    step j+1's lower one) are evaluated once, and every variance shares one set of rho
+    interpolation weights (`softmax.pair_moments_at`)."""
     v = np.asarray(v, float)
+    scaled = [v * np.exp(j * LOG_STEP) if j else v for j in steps]
     if method == "mc":
-        return pair_moments(n1, n2, v, v, rho, method=method)
+        return [pair_moments(n1, n2, u, u, rho, method=method) for u in scaled]
+    cells = [_grid_cell(u) for u in scaled]
+    nodes: list = []  # the distinct grid-variance arrays, each evaluated once
+
+    def node(x):
+        for i, y in enumerate(nodes):
+            if x is y or (x.shape == y.shape and np.array_equal(x, y)):
+                return i
+        nodes.append(x)
+        return len(nodes) - 1
+
+    at = [(node(lo), node(hi)) for _, lo, hi in cells]
+    tq = pair_moments_at(n1, n2, nodes, rho)
+    return [((1 - w) * tq[lo][0] + w * tq[hi][0], (1 - w) * tq[lo][1] + w * tq[hi][1])
+            for (w, _, _), (lo, hi) in zip(cells, at)]
+
+
+def _grid_cell(v: np.ndarray):
+    """``(w, v_lo, v_hi)``: v's interpolation weight and the grid variances around it
+    (`softmax_moments`); below V_FLOOR the cell is [0, V_FLOOR], linear in v."""
     small = v < V_FLOOR
     scaled = np.log(np.maximum(v, V_FLOOR)) / LOG_STEP
     k = np.floor(scaled)
@@ -219,8 +258,7 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
         w = np.where(small, v / V_FLOOR, w)
         v_lo = np.where(small, 0.0, v_lo)
         v_hi = np.where(small, V_FLOOR, v_hi)
-    (t_lo, q_lo), (t_hi, q_hi) = pair_moments_at(n1, n2, (v_lo, v_hi), rho)
-    return (1 - w) * t_lo + w * t_hi, (1 - w) * q_lo + w * q_hi
+    return w, v_lo, v_hi
 
 
 def prefix_spread(k: np.ndarray) -> np.ndarray:
@@ -610,7 +648,7 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
     v_pairs = np.sqrt(row_var[:, None] * row_var[None, :])
 
     # the pair moments are symmetric in the two rows: evaluated on the pairs i <= i' only
-    pairs = _RowPairs(n)
+    pairs = _row_pairs(n)
     n1_u, n2_u, v_u = pairs.upper(n1), pairs.upper(n2), pairs.upper(v_pairs)
     q0 = (1.0 - 1.0 / n1_u) / n2_u
 
@@ -628,7 +666,8 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
         (a_fluct, a_same), (q_fluct, q_same) = moments(kq.a[0::2])
     if rot.identity and not spec.qk_norm:  # Q - Q0 times the realized query Gram (`query_gram`)
         key_fluct = qd_pairs * pairs.full(expected_overlap_product(
-            lambda vs, rs: softmax_moments(n1_u, n2_u, vs, rs, method)[1] - q0, v_u,
+            lambda r, steps: [q - q0 for _, q in
+                              softmax_moments_stepped(n1_u, n2_u, v_u, r, steps, method)],
             rho_of(kq.w), spec.d_head, LOG_STEP))
     else:
         key_fluct = kq.w * q_fluct

@@ -62,19 +62,18 @@ def wishart_moments(rho: np.ndarray, d_head: int):
     return -k, -0.5 * rho * k, (1.0 + rho * rho) * k, rho * k, k
 
 
-def expected_overlap_product(f, v: np.ndarray, rho: np.ndarray, d_head: int,
-                             log_step: float) -> np.ndarray:
+def expected_overlap_product(f, rho: np.ndarray, d_head: int, log_step: float) -> np.ndarray:
     """``E[z f(v', rhohat)] / sqrt(xbar ybar)`` over the head's realized query Gram (module
     docstring), ``v' = v sqrt(x y / (xbar ybar))``; ``rho f(v, rho)`` at d_head = infinity.
 
-    `f(vs, rhos)` evaluates the fluctuation moment on arrays of the stencil's shape
-    ``(7,) + v.shape``; one call serves the whole stencil."""
+    ``f(r, steps)`` evaluates the fluctuation moment at rho = r (an array like `rho`) and
+    the log-variances ``log v + j log_step`` for each integer j of `steps`, a list of arrays;
+    the stencil asks for three rho arrays, each with the steps it needs (7 points)."""
     eps = 1.0 - rho * rho
     dr = RHO_STEP * eps
-    dn, up = np.exp(-log_step), np.exp(log_step)
-    vs = np.stack([v, v * dn, v * up, v, v, v * up, v * dn])
-    rs = np.stack([rho, rho, rho, rho - dr, rho + dr, rho + dr, rho - dr])
-    f0, fm, fp, f_rm, f_rp, f_pp, f_mm = f(vs, np.clip(rs, -1.0, 1.0))
+    fm, f0, fp = f(rho, (-1, 0, 1))
+    f_mm, f_rm = f(np.clip(rho - dr, -1.0, 1.0), (-1, 0))
+    f_rp, f_pp = f(np.clip(rho + dr, -1.0, 1.0), (0, 1))
     h = log_step
     f_s = (fp - fm) / (2.0 * h)
     f_ss = (fp - 2.0 * f0 + fm) / (h * h)
