@@ -58,7 +58,8 @@ QUICK_SHAPE = dict(d_model=128, n_heads=2, d_ff=512, depth=4, seq_len=64, batch_
 PRECISIONS = ("float32", "tf32", "bfloat16")
 # probe options timed beside the default scan: name -> (options of `_run_chunk`, precisions)
 VARIANTS = {"unroll": ({"unroll": True}, PRECISIONS),
-            "remat": ({"remat": True}, ("float32",))}
+            "remat": ({"remat": True}, ("float32",)),
+            "remat_weight_products": ({"remat": "weight_products"}, PRECISIONS)}
 
 
 def forward_flops(shape: dict) -> float:

@@ -66,4 +66,4 @@ def test_run_names_an_unknown_variant_and_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         run.main(["--quick", "--variants", "remat,sideways"])
     err = capsys.readouterr().err
-    assert "unknown --variants sideways" in err and "unroll, remat" in err
+    assert "unknown --variants sideways" in err and "unroll, remat, remat_weight_products" in err

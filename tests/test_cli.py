@@ -226,3 +226,17 @@ def test_predict_encoder_decoder_table_has_a_row_per_layer_of_the_longer_stack(c
     # layer 2 exists only in the decoder: its row has the decoder columns alone
     n_dec = sum(name.startswith("dec.") for name in header)
     assert len(rows[2]) == 1 + n_dec and len(rows[0]) == len(header)
+
+
+@pytest.mark.parametrize("flags, remat", [([], False), (["--remat"], True),
+                                          (["--remat", "weight_products"], "weight_products")])
+def test_probe_remat_flag(flags, remat):
+    from normfield.cli import build_parser
+
+    args = build_parser().parse_args(["probe", *TINY, *flags])
+    assert args.remat is remat if isinstance(remat, bool) else args.remat == remat
+
+
+def test_probe_remat_flag_names_the_valid_policy(capsys):
+    code, _, err = run_main(capsys, "probe", *TINY, "--remat", "dots")
+    assert code == 2 and "weight_products" in err and "'dots'" in err

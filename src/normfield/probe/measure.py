@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from normfield.arch import check_choice, check_int
 from normfield.data import token_arrays, token_probs
-from normfield.probe.model import PRECISIONS, loss_fn, init_params
+from normfield.probe.model import PRECISIONS, REMAT_POLICIES, loss_fn, init_params
 from normfield.profile import ACTIVATION_KEYS, GradProfile, control_covariates, seed_moments
 
 MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default"}
@@ -122,17 +122,21 @@ def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
                 for lo in range(0, seeds, chunk)]
 
 
-def _check_args(seeds, key, precision, chunk) -> int:
+def _check_args(seeds, key, precision, chunk, remat) -> int:
     check_int("seeds", seeds, 1)
     check_int("key", key, 0)
     check_choice("precision", precision, PRECISIONS)
+    choices = (False, *REMAT_POLICIES)
+    if not isinstance(remat, (bool, str)) or remat not in choices:  # 1 is not True here
+        raise ValueError(f"invalid remat={remat!r}: expected one of "
+                         + ", ".join(repr(c) for c in choices))
     chunk = seeds if chunk is None else chunk
     check_int("chunk", chunk, 1)
     return chunk
 
 
 def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
-                       chunk: int | None = None, remat: bool = False,
+                       chunk: int | None = None, remat: bool | str = False,
                        unroll: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
 
@@ -149,7 +153,9 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
         (bf16 operands, float32 accumulation).
       chunk: seeds per compiled call (default: all at once); lower it to save memory.
       remat: rematerialize each block in the backward pass (`jax.checkpoint`) to fit larger
-        configurations; same numbers up to float rounding.
+        configurations (True: keep only the block inputs; ``"weight_products"``: keep the
+        x @ W products too, recompute norms, activations and the attention's logits and
+        probabilities); same numbers up to float rounding.
       unroll: run the layers as a Python loop instead of one `lax.scan`: same numbers up to
         float rounding, 6-24% less time per call at the GPT-2-small shape on an H200, but the
         first call (compile and autotuning) took 106-113 s instead of 14-48 s at depth 12
@@ -158,7 +164,7 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
       ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
       a gradient is NaN or infinite (never averaged away).
     """
-    chunk = _check_args(seeds, key, precision, chunk)
+    chunk = _check_args(seeds, key, precision, chunk, remat)
     start = time.perf_counter()
     # every chunk is dispatched before any result is fetched: no host round trip in between
     options = {"remat": remat, "unroll": unroll}
@@ -167,7 +173,7 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
 
 
 def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float32",
-                  chunk: int | None = None, remat: bool = False, unroll: bool = False):
+                  chunk: int | None = None, remat: bool | str = False, unroll: bool = False):
     """`measure_grad_norms` of every Arch of `archs`, yielded in order, with the configuration
     axis spread over the local devices: configurations go out in waves of one per device
     (each pinned to its device, all of a wave dispatched before any result is fetched), so
@@ -175,7 +181,7 @@ def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float3
     (up to float rounding); the metadata names the device (``sweep_device``) and the seconds
     from the wave's dispatch to this result.  Bad arguments raise ValueError at the call, not at
     the first result."""
-    chunk = _check_args(seeds, key, precision, chunk)
+    chunk = _check_args(seeds, key, precision, chunk, remat)
     return _sweep(list(archs), seeds, key, precision, chunk, {"remat": remat, "unroll": unroll})
 
 
