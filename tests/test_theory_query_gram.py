@@ -11,9 +11,9 @@ from normfield.theory.query_gram import expected_overlap_product
 
 
 def stepped(f, v):
-    """f(v, rho) as `expected_overlap_product` asks for it: at rho = r and the variances
-    v exp(j LOG_STEP) for the steps j."""
-    return lambda r, steps: [f(v * np.exp(j * LOG_STEP), r) for j in steps]
+    """f(v, rho) as `expected_overlap_product` asks for it: per block (r, steps), at rho = r
+    and the variances v exp(j LOG_STEP) for the steps j."""
+    return lambda blocks: [[f(v * np.exp(j * LOG_STEP), r) for j in steps] for r, steps in blocks]
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.8, 1.0, -0.5])

@@ -207,20 +207,24 @@ def softmax_moments(n1, n2, v, rho, method: str = "analytic"):
     ValueError names the grid variance (31.5).  The key gradient's realized-Gram term
     (`query_gram`) also reads v one grid step up, so attention logit variances up to
     ``exp(67 LOG_STEP)`` = 28.5 stay within it."""
-    return softmax_moments_stepped(n1, n2, v, rho, (0,), method)[0]
+    return softmax_moments_stepped(n1, n2, v, [(rho, (0,))], method)[0][0]
 
 
-def softmax_moments_stepped(n1, n2, v, rho, steps, method: str = "analytic"):
-    """`softmax_moments` at the variances ``v exp(j LOG_STEP)`` for each integer j of `steps`
-    (a list of (T1, Q)), at one rho: the grid variances the steps share (step j's upper one is
-    step j+1's lower one) are evaluated once, and every variance shares one set of rho
-    interpolation weights (`softmax.pair_moments_at`)."""
+def softmax_moments_stepped(n1, n2, v, blocks, method: str = "analytic"):
+    """`softmax_moments` at several points ``(v exp(j LOG_STEP), rho)``: `blocks` is a list of
+    (rho, steps), steps integers j; returns, per block, the list of (T1, Q) at its steps.
+
+    The grid variances of all the points (step j's upper one is step j+1's lower one) are
+    evaluated once each, on the entries of every block, in one `softmax.pair_moments_at` call:
+    one validation and one set of rho interpolation weights serve every point."""
     v = np.asarray(v, float)
-    scaled = [v * np.exp(j * LOG_STEP) if j else v for j in steps]
+    steps = sorted({j for _, js in blocks for j in js})
+    scaled = {j: v * np.exp(j * LOG_STEP) if j else v for j in steps}
     if method == "mc":
-        return [pair_moments(n1, n2, u, u, rho, method=method) for u in scaled]
-    cells = [_grid_cell(u) for u in scaled]
-    nodes: list = []  # the distinct grid-variance arrays, each evaluated once
+        return [[pair_moments(n1, n2, scaled[j], scaled[j], rho, method=method) for j in js]
+                for rho, js in blocks]
+    cells = {j: _grid_cell(scaled[j]) for j in steps}
+    nodes: list = []  # the distinct grid-variance arrays
 
     def node(x):
         for i, y in enumerate(nodes):
@@ -229,10 +233,34 @@ def softmax_moments_stepped(n1, n2, v, rho, steps, method: str = "analytic"):
         nodes.append(x)
         return len(nodes) - 1
 
-    at = [(node(lo), node(hi)) for _, lo, hi in cells]
-    tq = pair_moments_at(n1, n2, nodes, rho)
-    return [((1 - w) * tq[lo][0] + w * tq[hi][0], (1 - w) * tq[lo][1] + w * tq[hi][1])
-            for (w, _, _), (lo, hi) in zip(cells, at)]
+    at = {j: (node(lo), node(hi)) for j, (_, lo, hi) in cells.items()}
+    if len(blocks) == 1:
+        parts = [pair_moments_at(n1, n2, nodes, blocks[0][0])]
+    else:  # the blocks' entries one after another: arrays flattened and repeated per block
+        shape = np.broadcast_shapes(np.shape(n1), np.shape(n2), v.shape,
+                                    *(np.shape(r) for r, _ in blocks))
+        size = math.prod(shape)
+
+        def repeated(x):
+            x = np.asarray(x, float)
+            if x.ndim == 0:
+                return x
+            return np.concatenate([np.broadcast_to(x, shape).ravel()] * len(blocks))
+
+        rho = np.concatenate([np.broadcast_to(r, shape).ravel() for r, _ in blocks])
+        tq = pair_moments_at(repeated(n1), repeated(n2), [repeated(x) for x in nodes], rho)
+        parts = [[(t[b * size:(b + 1) * size].reshape(shape),
+                   q[b * size:(b + 1) * size].reshape(shape)) for t, q in tq]
+                 for b in range(len(blocks))]
+    out = []
+    for part, (_, js) in zip(parts, blocks):
+        row = []
+        for j in js:
+            (w, _, _), (lo, hi) = cells[j], at[j]
+            row.append(((1 - w) * part[lo][0] + w * part[hi][0],
+                        (1 - w) * part[lo][1] + w * part[hi][1]))
+        out.append(row)
+    return out
 
 
 def _grid_cell(v: np.ndarray):
@@ -666,8 +694,8 @@ def forward(kx: Blocks, mask: Mask, var_q, var_k, var_v, width: int, bias_var=(0
         (a_fluct, a_same), (q_fluct, q_same) = moments(kq.a[0::2])
     if rot.identity and not spec.qk_norm:  # Q - Q0 times the realized query Gram (`query_gram`)
         key_fluct = qd_pairs * pairs.full(expected_overlap_product(
-            lambda r, steps: [q - q0 for _, q in
-                              softmax_moments_stepped(n1_u, n2_u, v_u, r, steps, method)],
+            lambda blocks: [[q - q0 for _, q in row] for row in
+                            softmax_moments_stepped(n1_u, n2_u, v_u, blocks, method)],
             rho_of(kq.w), spec.d_head, LOG_STEP))
     else:
         key_fluct = kq.w * q_fluct

@@ -66,14 +66,15 @@ def expected_overlap_product(f, rho: np.ndarray, d_head: int, log_step: float) -
     """``E[z f(v', rhohat)] / sqrt(xbar ybar)`` over the head's realized query Gram (module
     docstring), ``v' = v sqrt(x y / (xbar ybar))``; ``rho f(v, rho)`` at d_head = infinity.
 
-    ``f(r, steps)`` evaluates the fluctuation moment at rho = r (an array like `rho`) and
-    the log-variances ``log v + j log_step`` for each integer j of `steps`, a list of arrays;
-    the stencil asks for three rho arrays, each with the steps it needs (7 points)."""
+    ``f(blocks)`` evaluates the fluctuation moment at the stencil's 7 points, asked for as
+    blocks (r, steps): rho = r (an array like `rho`) and the log-variances
+    ``log v + j log_step`` for each integer j of steps; it returns, per block, the list of
+    values at its steps."""
     eps = 1.0 - rho * rho
     dr = RHO_STEP * eps
-    fm, f0, fp = f(rho, (-1, 0, 1))
-    f_mm, f_rm = f(np.clip(rho - dr, -1.0, 1.0), (-1, 0))
-    f_rp, f_pp = f(np.clip(rho + dr, -1.0, 1.0), (0, 1))
+    (fm, f0, fp), (f_mm, f_rm), (f_rp, f_pp) = f([
+        (rho, (-1, 0, 1)), (np.clip(rho - dr, -1.0, 1.0), (-1, 0)),
+        (np.clip(rho + dr, -1.0, 1.0), (0, 1))])
     h = log_step
     f_s = (fp - fm) / (2.0 * h)
     f_ss = (fp - 2.0 * f0 + fm) / (h * h)
