@@ -159,3 +159,24 @@ def test_groups_of_one_call_share_its_pair_set_and_give_each_groups_own_moments(
 def test_variances_beyond_the_analytic_range_are_left_to_monte_carlo():
     T, Q = pair_moments(8, 16, 50.0, 50.0, 0.5, method="mc", samples=2048)
     assert np.isfinite(T) and np.isfinite(Q) and 1 / 16 < T < 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_stepped_blocks_equal_one_call_per_point(causal):
+    """`attention.softmax_moments_stepped` evaluates several (rho, steps) blocks in one call on
+    shared grid variances; each point must be `softmax_moments` at (v exp(j LOG_STEP), rho),
+    here with variances in several grid cells and below V_FLOOR, negative rho, and per-pair row
+    lengths (causal) or one length for all pairs."""
+    from normfield.theory.attention import LOG_STEP, softmax_moments, softmax_moments_stepped
+
+    rng = np.random.default_rng(7)
+    v = np.concatenate([rng.uniform(0.05, 2.0, 30), [5e-4, 9.8e-4, 1e-3]])
+    rho = rng.uniform(-0.9, 0.99, v.size)
+    n1, n2 = (rng.integers(1, 20, v.size), rng.integers(20, 40, v.size)) if causal else (16, 16)
+    blocks = [(rho, (-1, 0, 1)), (np.clip(rho - 0.02, -1, 1), (-1, 0)), (rho * 0.5, (0, 2))]
+    got = softmax_moments_stepped(n1, n2, v, blocks)
+    for (r, steps), row in zip(blocks, got):
+        for j, (t, q) in zip(steps, row):
+            want_t, want_q = softmax_moments(n1, n2, v * np.exp(j * LOG_STEP), r)
+            np.testing.assert_allclose(t, want_t, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(q, want_q, rtol=1e-12, atol=1e-15)
