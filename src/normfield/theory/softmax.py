@@ -424,10 +424,10 @@ class _Quadrature:
         step = max(1, 2_000_000 // (K * Y * X))
         for s0 in range(0, len(missing), step):
             part = missing[s0:s0 + step]
-            P = np.empty((K, Y, len(part), X))
+            P = np.empty((len(part), K, Y, X))  # filled whole (K, Y, X) blocks at a time
             for i, n in enumerate(part):
-                P[:, :, i] = 1.0 if n == 1 else self._power(n - 1)
-            U = P @ self.W                                         # (K, Y, part, 5)
+                P[i] = 1.0 if n == 1 else self._power(n - 1)
+            U = np.moveaxis(P, 0, 2) @ self.W                      # (K, Y, part, 5)
             self._rows.update((n, U[:, :, i]) for i, n in enumerate(part))
         return np.stack([self._rows[n] for n in un1], axis=2)
 
