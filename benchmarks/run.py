@@ -59,7 +59,8 @@ PRECISIONS = ("float32", "tf32", "bfloat16")
 # probe options timed beside the default scan: name -> (options of `_run_chunk`, precisions)
 VARIANTS = {"unroll": ({"unroll": True}, PRECISIONS),
             "remat": ({"remat": True}, ("float32",)),
-            "remat_weight_products": ({"remat": "weight_products"}, PRECISIONS)}
+            "remat_weight_products": ({"remat": "weight_products"}, PRECISIONS),
+            "fused_cudnn": ({"fused_attention": "cudnn"}, ("bfloat16",))}
 
 
 def forward_flops(shape: dict) -> float:
@@ -177,8 +178,12 @@ def bench_probe(shape, seeds, peaks, min_time, repeats, variants) -> tuple[dict,
     for name in variants:
         options, precisions = VARIANTS[name]
         for prec in precisions:
-            rows[name][prec], _ = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"],
-                                             min_time, repeats, ref, **options)
+            try:
+                rows[name][prec], _ = time_probe(arch, prec, keys, flops, peaks[prec]["tflops"],
+                                                 min_time, repeats, ref, **options)
+            except Exception as exc:  # e.g. cuDNN attention on a CPU: the row says why
+                print(f"  probe {prec} {name}: failed: {exc!r}"[:300], flush=True)
+                rows[name][prec] = {"error": repr(exc)[:2000]}
     return out, {"flops_per_call": flops, "seeds": seeds, "probe_variants": rows}
 
 
@@ -189,6 +194,35 @@ def compile_time(shape, depth, seeds, precision="float32") -> float:
         t = time.perf_counter()
         _run_chunk.lower(arch, precision, keys).compile()
         return time.perf_counter() - t
+
+
+def compile_times(shape, seeds) -> dict:
+    print("compile time:", flush=True)
+    c6, c48 = compile_time(shape, 6, seeds), compile_time(shape, 48, seeds)
+    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s", flush=True)
+    return {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
+            "method": "_run_chunk.lower(arch, 'float32', keys).compile()"}
+
+
+def torch_rows(shape, seeds, probe: dict) -> dict:
+    """The PyTorch reference per precision (`torch_reference.py`), with its time over the
+    probe's; an error row where torch is missing or fails."""
+    print("torch reference:", flush=True)
+    rows = {}
+    for prec in PRECISIONS:
+        try:
+            import torch_reference
+            tr = torch_reference.run(shape, seeds, prec)
+        except Exception as exc:
+            print(f"  torch reference failed: {exc!r}")
+            tr = {"error": repr(exc)}
+        if tr and "seconds_per_seed_batch" in tr:
+            tr["torch_over_probe_time"] = (tr["seconds_per_seed_batch"]
+                                           / probe[prec]["seconds_per_call"])
+            print(f"  torch {prec:9s}: {tr['seconds_per_seed_batch']:.4f} s/seed batch, "
+                  f"{tr['torch_over_probe_time']:.2f}x the probe's time", flush=True)
+        rows[prec] = tr
+    return rows
 
 
 def memory_peak():
@@ -225,6 +259,22 @@ def theory_timings(shape, with_10000: bool) -> dict:
     return theory
 
 
+def collect_theory(child, path, shape, with_10000, probe_seconds) -> dict:
+    """The theory timings: from the child process (`start_theory_process`) or, without one,
+    measured now; with the probe/theory time ratio at the benchmark shape."""
+    print("theory:", flush=True)
+    if child is None:
+        theory = theory_timings(shape, with_10000)
+    else:
+        child.wait()
+        with open(path) as fh:
+            theory = json.load(fh)
+    theory["benchmark_shape"].update({
+        "probe_float32_seconds_per_seed_batch": probe_seconds,
+        "probe_over_theory_time": probe_seconds / theory["benchmark_shape"]["seconds"]})
+    return theory
+
+
 def start_theory_process(quick: bool, with_10000: bool, path: str):
     """The theory timings in a CPU-only child process, so that they run beside the device work
     (one core of the host; the child never touches the accelerator)."""
@@ -238,11 +288,15 @@ def start_theory_process(quick: bool, with_10000: bool, path: str):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes (CPU / smoke test)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/<device>.json)")
     p.add_argument("--theory-10000", action="store_true",
                    help="also time the theory at depth 10000 in --quick mode")
     p.add_argument("--theory-only", action="store_true",
                    help="only the theory timings (written to --out); used by the child process")
+    p.add_argument("--probe-only", action="store_true",
+                   help="only the matmul peaks and the probe rows (no compile-time, PyTorch or "
+                        "theory timings): fits a short device lease")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated probe variants to time beside the default scan, from "
                         + ", ".join(VARIANTS) + " (default: all)")
@@ -281,7 +335,8 @@ def main(argv=None) -> dict:
     theory_path = tempfile.mktemp(suffix="-theory.json")
     # on an accelerator the theory (one CPU core) runs beside the device work; on a CPU it
     # would compete with the probe for the cores, so it runs afterwards
-    child = None if on_cpu else start_theory_process(quick, with_10000, theory_path)
+    child = (None if on_cpu or args.probe_only
+             else start_theory_process(quick, with_10000, theory_path))
 
     print("matmul peak:", flush=True)
     res["matmul_peak"] = matmul_peak(mm_size, min_time)
@@ -292,43 +347,17 @@ def main(argv=None) -> dict:
     res.update(info)
     res["peak_memory"] = memory_peak()
 
-    print("compile time:", flush=True)
-    c6, c48 = compile_time(shape, 6, seeds), compile_time(shape, 48, seeds)
-    res["compile"] = {"depth6_seconds": c6, "depth48_seconds": c48, "ratio_48_over_6": c48 / c6,
-                      "method": "_run_chunk.lower(arch, 'float32', keys).compile()"}
-    print(f"  depth 6: {c6:.2f} s, depth 48: {c48:.2f} s", flush=True)
-
-    print("torch reference:", flush=True)
-    res["torch_reference"] = {}
-    for prec in PRECISIONS:
-        try:
-            import torch_reference
-            tr = torch_reference.run(shape, seeds, prec)
-        except Exception as exc:
-            print(f"  torch reference failed: {exc!r}")
-            tr = {"error": repr(exc)}
-        if tr and "seconds_per_seed_batch" in tr:
-            tr["torch_over_probe_time"] = (tr["seconds_per_seed_batch"]
-                                           / res["probe"][prec]["seconds_per_call"])
-            print(f"  torch {prec:9s}: {tr['seconds_per_seed_batch']:.4f} s/seed batch, "
-                  f"{tr['torch_over_probe_time']:.2f}x the probe's time", flush=True)
-        res["torch_reference"][prec] = tr
-
-    print("theory:", flush=True)
-    if child is None:
-        theory = theory_timings(shape, with_10000)
+    if args.probe_only:
+        res["compile"] = res["torch_reference"] = res["theory"] = {"skipped": "--probe-only"}
     else:
-        child.wait()
-        with open(theory_path) as fh:
-            theory = json.load(fh)
-    probe_t = res["probe"]["float32"]["seconds_per_call"]
-    theory["benchmark_shape"].update({"probe_float32_seconds_per_seed_batch": probe_t,
-                                      "probe_over_theory_time": probe_t
-                                      / theory["benchmark_shape"]["seconds"]})
-    res["theory"] = theory
-    res["theory_note"] = ("first call in a fresh process (cold caches) and fastest of 3 repeats "
-                          "(depth <= 2000), one CPU core of the host, other Arch fields as the "
-                          "benchmark shape; depths 1000/10000 at seq_len 16, 12/48 at seq_len 128")
+        res["compile"] = compile_times(shape, seeds)
+        res["torch_reference"] = torch_rows(shape, seeds, res["probe"])
+        res["theory"] = collect_theory(child, theory_path, shape, with_10000,
+                                       res["probe"]["float32"]["seconds_per_call"])
+        res["theory_note"] = ("first call in a fresh process (cold caches) and fastest of 3 "
+                              "repeats (depth <= 2000), one CPU core of the host, other Arch "
+                              "fields as the benchmark shape; depths 1000/10000 at seq_len 16, "
+                              "12/48 at seq_len 128")
 
     print_table(res)
     out = args.out or os.path.join("benchmarks", "results",
@@ -353,6 +382,7 @@ def print_table(r: dict) -> None:
     for prec in PRECISIONS:
         pk, pr = r["matmul_peak"][prec], r["probe"][prec]
         tr = r["torch_reference"].get(prec) or {}
+        tr = tr if isinstance(tr, dict) else {}
         ratio = f"{tr['torch_over_probe_time']:.2f}x" if "torch_over_probe_time" in tr else "-"
         print(f"{prec:10s} {pk['tflops']:10.3f} {pr['seconds_per_call']:13.4f} "
               f"{pr['tflops']:11.3f} {100 * pr['fraction_of_peak']:6.1f}% "
@@ -362,16 +392,22 @@ def print_table(r: dict) -> None:
           " of sqrt(mean over seeds), over all parameters and layers)")
     for name, rows in r["probe_variants"].items():
         for prec, pr in rows.items():
+            if "error" in pr:
+                print(f"variant {name} {prec}: failed: {pr['error'][:200]}")
+                continue
             print(f"variant {name} {prec}: {pr['seconds_per_call']:.4f} s/call "
                   f"({100 * pr['fraction_of_peak']:.1f}% of peak; scan "
                   f"{r['probe'][prec]['seconds_per_call']:.4f} s), profile diff vs float32 "
                   f"{pr['profile_max_rel_diff_vs_float32']:.2e}")
-    c = r["compile"]
-    print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
-          f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
     pm = r["peak_memory"]
     print("peak device memory: " + ("null (not reported by this backend)" if pm is None else
                                     f"{pm.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB"))
+    if "skipped" in r["compile"]:
+        print("compile time, torch reference and theory: skipped (--probe-only)")
+        return
+    c = r["compile"]
+    print(f"compile (float32): depth 6 {c['depth6_seconds']:.2f} s, depth 48 "
+          f"{c['depth48_seconds']:.2f} s, ratio {c['ratio_48_over_6']:.2f}")
     if not any(r["torch_reference"].values()):
         print("torch reference: skipped (torch not importable)")
     th = r["theory"]
