@@ -67,3 +67,15 @@ def test_run_names_an_unknown_variant_and_the_valid_ones(capsys):
         run.main(["--quick", "--variants", "remat,sideways"])
     err = capsys.readouterr().err
     assert "unknown --variants sideways" in err and "unroll, remat, remat_weight_products" in err
+
+
+def test_a_failing_variant_becomes_a_row_with_its_error(monkeypatch):
+    """A variant that fails on the device (e.g. an option the backend lacks) must not end a
+    long benchmark run: its row records the error and the other rows stay."""
+    run = _load(RUN)
+    monkeypatch.setitem(run.VARIANTS, "broken", ({"remat": "bogus"}, ("float32",)))
+    shape = dict(d_model=8, n_heads=2, d_ff=16, depth=2, seq_len=5, batch_size=2, vocab_size=11)
+    peaks = {p: {"tflops": 1.0} for p in run.PRECISIONS}
+    rows, info = run.bench_probe(shape, 2, peaks, 0.0, 1, ["broken"])
+    assert "bogus" in info["probe_variants"]["broken"]["float32"]["error"]
+    assert all(rows[p]["seconds_per_call"] > 0 for p in run.PRECISIONS)

@@ -237,8 +237,7 @@ def cmd_probe(args) -> int:
     from normfield.probe.measure import measure_grad_norms
 
     profile = measure_grad_norms(arch, seeds=args.seeds, key=args.key, precision=args.precision,
-                                 chunk=args.chunk, remat=args.remat, unroll=args.unroll,
-                                 fused_attention=args.fused_attention)
+                                 chunk=args.chunk, remat=args.remat, unroll=args.unroll)
     return _emit(profile, args)
 
 
@@ -335,9 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unroll", action="store_true",
                    help="layers as a Python loop instead of one lax.scan: faster on a GPU, "
                         "compile time grows with depth")
-    g.add_argument("--fused-attention", choices=("xla", "cudnn"), default=None,
-                   help="attention through jax.nn.dot_product_attention (cudnn: GPU, with "
-                        "--precision bfloat16)")
     g.add_argument("--out", metavar="PATH", help=out_help)
     p.set_defaults(handler=cmd_probe)
 

@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from normfield.arch import check_choice, check_int
 from normfield.data import token_arrays, token_probs
-from normfield.probe.fused import IMPLEMENTATIONS
 from normfield.probe.model import PRECISIONS, REMAT_POLICIES, loss_fn, init_params
 from normfield.profile import ACTIVATION_KEYS, GradProfile, control_covariates, seed_moments
 
@@ -85,26 +84,23 @@ def _squared_norms(grads) -> dict:
     return out
 
 
-def one_seed(arch, precision, key, remat=False, unroll=False, fused_attention=None):
+def one_seed(arch, precision, key, remat=False, unroll=False):
     """Per-parameter squared gradient norms, stream statistics and the batch's token
     collision counts (`collisions`) for one seed (`unroll`: the layers as a Python loop
-    instead of one `lax.scan`; same numbers, compile time grows with depth;
-    `fused_attention`: `model.forward`'s ``fused``)."""
+    instead of one `lax.scan`; same numbers, compile time grows with depth)."""
     k_param, k_data = jax.random.split(key)
     params = init_params(arch, k_param)
     tokens, targets = sample_batch(arch, k_data)
-    loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll,
-                   fused=fused_attention)
+    loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll)
     grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
     return _squared_norms(grads), stats, collisions(arch, tokens, targets)
 
 
-@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "unroll", "fused_attention"))
-def _run_chunk(arch, precision, keys, remat=False, unroll=False, fused_attention=None):
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("remat", "unroll"))
+def _run_chunk(arch, precision, keys, remat=False, unroll=False):
     """All seeds of a chunk in one compiled call (parameters and data are created on device
     from the keys, so nothing but the keys goes in and only (seeds, depth) arrays come out)."""
-    return jax.vmap(partial(one_seed, arch, precision, remat=remat, unroll=unroll,
-                            fused_attention=fused_attention))(keys)
+    return jax.vmap(partial(one_seed, arch, precision, remat=remat, unroll=unroll))(keys)
 
 
 def _shard(keys):
@@ -118,7 +114,7 @@ def _shard(keys):
 def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
     """Dispatch every chunk of seeds (asynchronously; nothing is fetched): on `device`, or with
     the seed axis sharded over all local devices when `device` is None.  `options`: the
-    compiled chunk's ``remat``, ``unroll`` and ``fused_attention``."""
+    compiled chunk's ``remat`` and ``unroll`` flags."""
     keys = jax.random.split(jax.random.PRNGKey(key), seeds)
     place = _shard if device is None else (lambda k: jax.device_put(k, device))
     with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
@@ -126,7 +122,7 @@ def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
                 for lo in range(0, seeds, chunk)]
 
 
-def _check_args(seeds, key, precision, chunk, remat, fused_attention) -> int:
+def _check_args(seeds, key, precision, chunk, remat) -> int:
     check_int("seeds", seeds, 1)
     check_int("key", key, 0)
     check_choice("precision", precision, PRECISIONS)
@@ -134,11 +130,6 @@ def _check_args(seeds, key, precision, chunk, remat, fused_attention) -> int:
     if not isinstance(remat, (bool, str)) or remat not in choices:  # 1 is not True here
         raise ValueError(f"invalid remat={remat!r}: expected one of "
                          + ", ".join(repr(c) for c in choices))
-    check_choice("fused_attention", fused_attention, (None, *IMPLEMENTATIONS))
-    if fused_attention == "cudnn" and precision != "bfloat16":
-        raise ValueError(f"invalid fused_attention='cudnn' with precision={precision!r}: "
-                         "cuDNN's fused attention takes bf16 operands; expected "
-                         "precision='bfloat16' (or fused_attention='xla' or None)")
     chunk = seeds if chunk is None else chunk
     check_int("chunk", chunk, 1)
     return chunk
@@ -146,7 +137,7 @@ def _check_args(seeds, key, precision, chunk, remat, fused_attention) -> int:
 
 def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "float32",
                        chunk: int | None = None, remat: bool | str = False,
-                       unroll: bool = False, fused_attention: str | None = None) -> GradProfile:
+                       unroll: bool = False) -> GradProfile:
     """Measure ``sqrt(mean_seeds ||dL/dW||_F^2)`` for every parameter of `arch`.
 
     The mean over seeds is the control-variate estimate on the token collisions each seed's
@@ -169,24 +160,20 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
         float rounding, 6-24% less time per call at the GPT-2-small shape on an H200, but the
         first call (compile and autotuning) took 106-113 s instead of 14-48 s at depth 12
         and grows with depth (benchmarks/README.md): worth it for many calls of one shape.
-      fused_attention: ``"cudnn"`` (GPU, precision bfloat16) or ``"xla"``: the attention
-        through `jax.nn.dot_product_attention`, the seed axis folded into its batch
-        (`probe.fused`); None (default): explicit logits and softmax in float32.
     Raises:
       ValueError on bad arguments; NonFiniteGradientError naming the parameter and seed when
       a gradient is NaN or infinite (never averaged away).
     """
-    chunk = _check_args(seeds, key, precision, chunk, remat, fused_attention)
+    chunk = _check_args(seeds, key, precision, chunk, remat)
     start = time.perf_counter()
     # every chunk is dispatched before any result is fetched: no host round trip in between
-    options = {"remat": remat, "unroll": unroll, "fused_attention": fused_attention}
+    options = {"remat": remat, "unroll": unroll}
     parts = jax.device_get(_dispatch(arch, seeds, key, precision, chunk, options))
     return _profile(arch, parts, seeds, key, precision, options, time.perf_counter() - start)
 
 
 def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float32",
-                  chunk: int | None = None, remat: bool | str = False, unroll: bool = False,
-                  fused_attention: str | None = None):
+                  chunk: int | None = None, remat: bool | str = False, unroll: bool = False):
     """`measure_grad_norms` of every Arch of `archs`, yielded in order, with the configuration
     axis spread over the local devices: configurations go out in waves of one per device
     (each pinned to its device, all of a wave dispatched before any result is fetched), so
@@ -194,9 +181,8 @@ def measure_sweep(archs, seeds: int = 16, key: int = 0, precision: str = "float3
     (up to float rounding); the metadata names the device (``sweep_device``) and the seconds
     from the wave's dispatch to this result.  Bad arguments raise ValueError at the call, not at
     the first result."""
-    chunk = _check_args(seeds, key, precision, chunk, remat, fused_attention)
-    options = {"remat": remat, "unroll": unroll, "fused_attention": fused_attention}
-    return _sweep(list(archs), seeds, key, precision, chunk, options)
+    chunk = _check_args(seeds, key, precision, chunk, remat)
+    return _sweep(list(archs), seeds, key, precision, chunk, {"remat": remat, "unroll": unroll})
 
 
 def _sweep(archs, seeds, key, precision, chunk, options):

@@ -17,7 +17,6 @@ import numpy as np
 
 from normfield.arch import GATED_ACTIVATIONS
 from normfield.data import rope_angles, sinusoidal_positions
-from normfield.probe.fused import fused_attention
 from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm, Product, Scale,
                                   SelfAttention, block, fill_constants, layer_param_shapes,
                                   split_constants, stacks)
@@ -154,12 +153,13 @@ def _rotate(u, n):
     return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(u.shape)
 
 
-def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None, fused=None):
+def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None):
     """Multi-head self-attention softmax(QK^T/sqrt(d_head))V, float32 logits and softmax in
-    every precision, or with `fused` (``"xla"`` or ``"cudnn"``) through
-    `jax.nn.dot_product_attention` with the seed axis folded into the batch (`probe.fused`).
-    With `memory`, keys and values come from it (cross-attention, no mask); `mask` None takes
-    ``arch.mask``."""
+    every precision.  (cuDNN's fused attention through `jax.nn.dot_product_attention` was
+    tried on an H200 with JAX 0.11.2, batched by the seed `vmap` and, later, with the seed axis
+    folded into its batch so that no vmap reached it: both gave gradient norms off by up to 11x
+    per seed in bf16; see benchmarks/README.md.)  With `memory`, keys and values come from it
+    (cross-attention, no mask); `mask` None takes ``arch.mask``."""
     b, n, d = x.shape
     kv_src = x if memory is None else memory
     heads = lambda name, src: _linear(p, f"{prefix}.{name}", src, precision).reshape(
@@ -172,17 +172,11 @@ def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None, fus
             q = q * (arch.qk_temperature / math.sqrt(arch.d_head))
     if arch.positions == "rope":
         q, k = _rotate(q, n), _rotate(k, n)
-    causal = memory is None and (mask or arch.mask) == "causal"
-    if fused is not None:
-        if precision == "bfloat16":
-            q, k, v = (u.astype(jnp.bfloat16) for u in (q, k, v))
-        out = fused_attention(fused, causal)(q, k, v).astype(jnp.float32)
-        return out.reshape(b, n, d)
     if precision == "bfloat16":
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(arch.d_head)
-    if causal:
+    if memory is None and (mask or arch.mask) == "causal":
         logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
     if precision == "bfloat16":
@@ -191,9 +185,9 @@ def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None, fus
     return out.reshape(b, n, d)
 
 
-def apply_steps(arch, steps, p, x, precision="float32", memory=None, fused=None):
+def apply_steps(arch, steps, p, x, precision="float32", memory=None):
     """Run one block's primitive steps on ``x`` (batch, seq, d) (and an encoder-decoder's
-    encoder output `memory`); returns the block output (`fused`: see `_attention`)."""
+    encoder output `memory`); returns the block output."""
     env = {"x": x, "mem": memory}
     phi = activation_fn(arch)
     for s in steps:
@@ -206,11 +200,10 @@ def apply_steps(arch, steps, p, x, precision="float32", memory=None, fused=None)
         elif isinstance(s, Product):
             env[s.dst] = env[s.a] * env[s.b]
         elif isinstance(s, SelfAttention):
-            env[s.dst] = _attention(arch, p, env[s.src], precision, s.prefix, s.mask,
-                                    fused=fused)
+            env[s.dst] = _attention(arch, p, env[s.src], precision, s.prefix, s.mask)
         elif isinstance(s, CrossAttention):
             env[s.dst] = _attention(arch, p, env[s.src], precision, s.prefix,
-                                    memory=env[s.memory], fused=fused)
+                                    memory=env[s.memory])
         elif isinstance(s, Scale):
             env[s.dst] = s.factor * env[s.src]
         elif isinstance(s, Add):
@@ -263,7 +256,7 @@ def embed(arch, params, tokens, prefix=""):
 
 
 def run_stack(arch, stack, params, tokens, precision="float32", unroll=False, remat=False,
-              memory=None, fused=None):
+              memory=None):
     """Embedding, blocks and final norm of one stack: (output, stream statistics (depth+1, 3))."""
     x = embed(arch, params, tokens, stack.prefix)
     stats = [stream_stats(x)[None]]
@@ -272,7 +265,7 @@ def run_stack(arch, stack, params, tokens, precision="float32", unroll=False, re
 
         def body(h, xs):
             p, c = xs
-            h = apply_steps(arch, fill_constants(template, c), p, h, precision, memory, fused)
+            h = apply_steps(arch, fill_constants(template, c), p, h, precision, memory)
             return h, stream_stats(h)
 
         if remat:
@@ -289,8 +282,7 @@ def run_stack(arch, stack, params, tokens, precision="float32", unroll=False, re
     return x, jnp.concatenate(stats, axis=0)
 
 
-def forward(arch, params, tokens, precision="float32", unroll=False, remat=False,
-            fused=None):
+def forward(arch, params, tokens, precision="float32", unroll=False, remat=False):
     """Logits (batch, seq, vocab) and stream statistics ``{stack prefix: (depth + 1, 3)}``.
 
     tokens: (batch, seq) ints, or for an encoder-decoder the pair (source tokens, decoder
@@ -300,24 +292,21 @@ def forward(arch, params, tokens, precision="float32", unroll=False, remat=False
     intermediate, at the cost of a second forward pass; ``"weight_products"`` keeps the
     products with the weight matrices (x @ W) and recomputes the rest (norms, activations,
     the attention logits and probabilities): less memory traffic for a few percent more
-    arithmetic.
-    fused: the attention through `jax.nn.dot_product_attention` (``"xla"`` or ``"cudnn"``,
-    `probe.fused`) instead of explicit logits and softmax."""
+    arithmetic."""
     sts = stacks(arch)
     token_sets = (tokens,) if len(sts) == 1 else tokens
     memory, stats = None, {}
     for st, toks in zip(sts, token_sets):
         memory, stats[st.prefix] = run_stack(arch, st, params, toks, precision, unroll, remat,
-                                             memory, fused)
+                                             memory)
     head = params[sts[-1].prefix + "embed.tok"].T if arch.tied_head else params["head.out"]
     return _matmul(memory, head, precision), stats
 
 
-def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False,
-            fused=None):
+def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, remat=False):
     """Mean cross-entropy over all batch_size * seq_len (decoder) positions; aux = stream
     statistics."""
-    logits, stats = forward(arch, params, tokens, precision, unroll, remat, fused)
+    logits, stats = forward(arch, params, tokens, precision, unroll, remat)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
     return jnp.mean(nll), stats
