@@ -174,6 +174,7 @@ class _RowPairs:
         # flat positions of (i, i') and (i', i): one-axis indexing is several times faster
         # than indexing with the (rows, cols) pair
         self.upper_at, self.lower_at = rows * n + cols, cols * n + rows
+        self.upper_at.flags.writeable = self.lower_at.flags.writeable = False  # shared per n
 
     def upper(self, x):
         if np.ndim(x) < 2:
