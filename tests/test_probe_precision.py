@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from normfield.probe.model import _bf16_matmul
+from normfield.probe.model import _bf16_matmul, _softmax
 
 
 def _round_bf16(a):
@@ -47,3 +47,17 @@ def test_bfloat16_probe_stays_near_float32():
     low = measure_grad_norms(arch, seeds=2, key=1, precision="bfloat16")
     for name, values in ref.per_seed_sq.items():
         np.testing.assert_allclose(low.per_seed_sq[name], values, rtol=0.05)
+
+
+def test_softmax_backward_from_its_output_equals_autodiff():
+    """`model._softmax` (backward from the output alone) against JAX's differentiation of
+    jax.nn.softmax, with masked (-inf) logits as a causal mask makes them."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+    x = 2.0 * jax.random.normal(k1, (3, 6, 6))
+    x = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), x, -jnp.inf)
+    w = jax.random.normal(k2, (3, 6, 6))
+    ours = jax.grad(lambda u: jnp.sum(_softmax(u) * w))(x)
+    ref = jax.grad(lambda u: jnp.sum(jax.nn.softmax(u, axis=-1) * w))(x)
+    assert bool(jnp.all(jnp.isfinite(ours)))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(_softmax(x)), np.asarray(jax.nn.softmax(x, -1)))

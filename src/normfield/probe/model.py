@@ -129,6 +129,27 @@ def _bf16_matmul_bwd(residuals, g):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
+@jax.custom_vjp
+def _softmax(logits):
+    """``jax.nn.softmax`` over the last axis, differentiated from its output alone:
+    ``dx = y (g - sum(y g))``.  JAX's own (with ``jax_softmax_custom_jvp`` off, the default)
+    keeps the exponentials as well as the output for its backward pass: one more float32
+    (heads, seq, seq) array per attention and seed saved in the forward pass."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    y = jax.nn.softmax(logits, axis=-1)
+    return y, y
+
+
+def _softmax_bwd(y, g):
+    return (y * (g - jnp.sum(y * g, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def _matmul(x, w, precision: str):
     return _bf16_matmul(x, w) if precision == "bfloat16" else jnp.matmul(x, w)
 
@@ -178,7 +199,7 @@ def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None):
     logits = logits / math.sqrt(arch.d_head)
     if memory is None and (mask or arch.mask) == "causal":
         logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = _softmax(logits)
     if precision == "bfloat16":
         weights, v = weights.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
     out = jnp.einsum("bhqk,bkhc->bqhc", weights, v, preferred_element_type=jnp.float32)
