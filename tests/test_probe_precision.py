@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 
-from normfield.probe.model import _bf16_matmul, _softmax
+from normfield.probe.model import _bf16_matmul, _scaled_norm, _softmax
 
 
 def _round_bf16(a):
@@ -61,3 +62,23 @@ def test_softmax_backward_from_its_output_equals_autodiff():
     assert bool(jnp.all(jnp.isfinite(ours)))
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(_softmax(x)), np.asarray(jax.nn.softmax(x, -1)))
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_norm_backward_from_xhat_equals_autodiff(center):
+    """`model._scaled_norm` (LayerNorm / RMSNorm whose backward keeps only xhat and inv)
+    against JAX's differentiation of the plain formula, for x and the gain."""
+    def plain(x, scale):
+        c = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
+        return c * jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + 1e-5) * scale
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = 3.0 * jax.random.normal(k1, (2, 5, 8)) + 1.0
+    scale = 1.0 + 0.3 * jax.random.normal(k2, (8,))
+    w = jax.random.normal(k3, (2, 5, 8))
+    ours = jax.grad(lambda a, s: jnp.sum(_scaled_norm(a, s, center, 1e-5) * w), (0, 1))(x, scale)
+    ref = jax.grad(lambda a, s: jnp.sum(plain(a, s) * w), (0, 1))(x, scale)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(_scaled_norm(x, scale, center, 1e-5)),
+                                  np.asarray(plain(x, scale)))

@@ -9,6 +9,7 @@ encoder-decoder has ``"enc.layers"`` and ``"dec.layers"`` and prefixed global na
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -155,10 +156,37 @@ def _matmul(x, w, precision: str):
 
 
 def _norm(arch, x, scale):
-    if arch.norm == "layernorm":
-        x = x - jnp.mean(x, axis=-1, keepdims=True)
-    inv = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + arch.norm_eps)
-    return x * inv * scale
+    return _scaled_norm(x, scale, arch.norm == "layernorm", arch.norm_eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _scaled_norm(x, scale, center: bool, eps: float):
+    """LayerNorm (`center`) or RMSNorm of the last axis times the gain: ``xhat * scale`` with
+    ``xhat = c * inv``, c = x minus its mean (or x), ``inv = rsqrt(mean(c^2) + eps)``.  Its
+    backward keeps only xhat and inv: ``dx = inv (h - mean(h) - xhat mean(h xhat))`` with
+    ``h = g * scale`` (no ``mean(h)`` for RMSNorm), exact with eps; autodiff of the same
+    formula kept c and two products as well."""
+    return _scaled_norm_fwd(x, scale, center, eps)[0]
+
+
+def _scaled_norm_fwd(x, scale, center, eps):
+    c = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
+    inv = jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + eps)
+    xhat = c * inv
+    return xhat * scale, (xhat, inv, scale)
+
+
+def _scaled_norm_bwd(center, eps, saved, g):
+    xhat, inv, scale = saved
+    h = g * scale
+    dx = h - xhat * jnp.mean(h * xhat, axis=-1, keepdims=True)
+    if center:
+        dx = dx - jnp.mean(h, axis=-1, keepdims=True)
+    dscale = jnp.sum((g * xhat).reshape(-1, xhat.shape[-1]), axis=0).reshape(scale.shape)
+    return dx * inv, dscale
+
+
+_scaled_norm.defvjp(_scaled_norm_fwd, _scaled_norm_bwd)
 
 
 def _linear(p, name, x, precision):
