@@ -110,17 +110,20 @@ def init_params(arch, key) -> dict:
 def _bf16_matmul(x, w):
     """``x @ w`` with bf16 operands and float32 accumulation, forward and backward: the
     backward products take the float32 cotangent rounded to bf16, as mixed-precision training
-    does (JAX's own transpose would multiply the float32 cotangent by an upcast weight)."""
+    does (JAX's own transpose would multiply the float32 cotangent by an upcast weight).  The
+    backward keeps the float32 weight (a parameter, kept anyway) and rounds it again, rather
+    than saving a bf16 copy of every weight matrix in the forward pass."""
     return _bf16_matmul_fwd(x, w)[0]
 
 
 def _bf16_matmul_fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    return jnp.matmul(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
+    xb = x.astype(jnp.bfloat16)
+    return jnp.matmul(xb, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32), (xb, w)
 
 
 def _bf16_matmul_bwd(residuals, g):
-    xb, wb = residuals
+    xb, w = residuals
+    wb = w.astype(jnp.bfloat16)
     gb = g.astype(jnp.bfloat16)
     dx = jnp.matmul(gb, wb.T, preferred_element_type=jnp.float32)
     dw = jnp.einsum("...i,...j->ij", xb, gb, preferred_element_type=jnp.float32)
