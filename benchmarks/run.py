@@ -381,7 +381,6 @@ def print_table(r: dict) -> None:
     for prec in PRECISIONS:
         pk, pr = r["matmul_peak"][prec], r["probe"][prec]
         tr = r["torch_reference"].get(prec) or {}
-        tr = tr if isinstance(tr, dict) else {}
         ratio = f"{tr['torch_over_probe_time']:.2f}x" if "torch_over_probe_time" in tr else "-"
         print(f"{prec:10s} {pk['tflops']:10.3f} {pr['seconds_per_call']:13.4f} "
               f"{pr['tflops']:11.3f} {100 * pr['fraction_of_peak']:6.1f}% "
