@@ -148,6 +148,20 @@ def test_same_key_is_bit_identical_and_other_key_differs():
     assert len(np.unique(sq[:, 0])) == SEEDS
 
 
+def test_float64_measures_the_float32_draws_in_float64():
+    """Same key: the float64 mode's seeds are the float32 mode's weights and tokens (equal
+    collision counts; squared norms within float32 rounding, ~1e-6 relative here), computed in
+    float64 (not bitwise equal), and the mode leaves JAX's 64-bit setting as it found it."""
+    a = measured()
+    b = measure_grad_norms(ARCH, seeds=SEEDS, key=KEY, precision="float64")
+    assert b.meta["precision"] == "float64" and not jax.config.jax_enable_x64
+    for name in a.per_seed_collisions:
+        np.testing.assert_array_equal(a.per_seed_collisions[name], b.per_seed_collisions[name])
+    for name in a.per_seed_sq:
+        _sq_close(name, b.per_seed_sq[name], a.per_seed_sq[name], a.per_seed_sq)
+    assert any(np.any(a.per_seed_sq[n] != b.per_seed_sq[n]) for n in a.per_seed_sq)
+
+
 def test_grads_and_stderr_follow_from_per_seed_squares():
     prof = measured()
     assert prof.meta["seeds"] == SEEDS and prof.meta["key"] == KEY

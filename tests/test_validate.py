@@ -1,5 +1,7 @@
 """normfield.validate: error rows, summary table and the measurement cache (probe stubbed)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -12,18 +14,18 @@ TINY = dict(depth=2, d_model=32, n_heads=2, d_ff=64, seq_len=4, batch_size=2, vo
 def _fake_measure(scale, chunks=None):
     calls = []
 
-    def sweep(archs, seeds, key, chunk):
+    def sweep(archs, seeds, key, chunk, precision):
         if chunks is not None:
             chunks.append(chunk)
         for arch in archs:
-            calls.append((arch, key))
+            calls.append((arch, key, precision))
             prof = predict(arch)
             prof.source = "probe"
             prof.grads = {k: v * scale for k, v in prof.grads.items()}
             prof.stderr = {k: 0.01 * v for k, v in prof.grads.items()}
             # every seed measures the scaled theory exactly
             prof.per_seed_sq = {k: np.tile(v ** 2, (seeds, 1)) for k, v in prof.grads.items()}
-            prof.meta = {"seeds": seeds, "key": key, "precision": "float32"}
+            prof.meta = {"seeds": seeds, "key": key, "precision": precision}
             yield prof
 
     return sweep, calls
@@ -46,6 +48,26 @@ def test_rows_summary_and_cache(tmp_path, monkeypatch):
     assert len(calls) == 2
     validate.run_grid(archs, seeds=2, out=str(tmp_path))  # second run: measurements cached
     assert len(calls) == 2
+
+
+def test_collapsed_configurations_are_measured_in_float64(tmp_path, monkeypatch):
+    """Post-LN at depth 24, d 512 collapses its tokens to a predicted 1 - cosine of 1.7e-7
+    (below float32's resolution, `FLOAT32_COSINE_FLOOR`); Pre-LN keeps them apart: the first
+    goes to a float64 sweep and a cache file of its own, the second stays float32."""
+    shape = dict(depth=24, d_model=512, n_heads=8, d_ff=2048, seq_len=32, batch_size=2,
+                 vocab_size=512)
+    post, pre = Arch(placement="post", **shape), Arch(placement="pre", **shape)
+    assert [validate.measurement_precision(predict(a)) for a in (post, pre)] == [
+        "float64", "float32"]
+    measure, calls = _fake_measure(1.0)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
+    rows = validate.run_grid([post, pre], seeds=2, out=str(tmp_path))
+    assert sorted((a.placement, p) for a, _, p in calls) == [("post", "float64"),
+                                                              ("pre", "float32")]
+    assert {(r["placement"], r["precision"]) for r in rows} == {("post", "float64"),
+                                                                ("pre", "float32")}
+    assert os.path.exists(validate.block_path(str(tmp_path), post, 2, 0, "float64"))
+    assert not os.path.exists(validate.block_path(str(tmp_path), post, 2, 0))
 
 
 def test_variant_names_distinguish_features():
@@ -100,7 +122,7 @@ def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
     monkeypatch.setitem(validate.GRIDS, "quick", validate.QUICK_GRID)
     for i in range(3):
         validate.main(grid="quick", out=str(tmp_path), shard=f"{i}/3")
-    assert len(calls) == 4 == len({validate.config_name(a) for a, _ in calls})
+    assert len(calls) == 4 == len({validate.config_name(a) for a, _, _ in calls})
     validate.main(grid="quick", out=str(tmp_path), merge=True)
     assert len(calls) == 4  # merging measures nothing
     for bad in ("3/3", "x", "1/0"):
@@ -146,9 +168,9 @@ def test_seed_blocks_are_added_not_remeasured(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "measure_sweep", measure)
     arch = Arch(placement="pre", **TINY)
     validate.run_grid([arch], seeds=32, out=str(tmp_path))
-    assert [k for _, k in calls] == [0]
+    assert [k for _, k, _ in calls] == [0]
     rows = validate.run_grid([arch], seeds=96, out=str(tmp_path))  # adds keys 1 and 2 only
-    assert [k for _, k in calls] == [0, 1, 2]
+    assert [k for _, k, _ in calls] == [0, 1, 2]
     assert {r["seeds"] for r in rows} == {96}
     chunks = []
     measure, calls = _fake_measure(1.0, chunks)

@@ -28,7 +28,7 @@ from normfield.progress import progress
 __all__ = ["main", "build_parser", "arch_from_args", "format_profile", "write_profile", "progress"]
 
 PROG = "normfield"
-PRECISIONS = ("float32", "tf32", "bfloat16")  # normfield.probe.model.PRECISIONS (no jax import)
+PRECISIONS = ("float32", "tf32", "bfloat16", "float64")  # normfield.probe.model.PRECISIONS (no jax import)
 
 CHOICES: dict[str, Sequence[str]] = {
     "placement": tuple(PLACEMENTS), "norm": NORMS, "activation": ACTIVATIONS, "mask": MASKS,
@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32: full-precision matmuls; tf32; bfloat16: bf16 operands with "
-                        "float32 accumulation (default: %(default)s)")
+                        "float32 accumulation; float64: the float32 draws computed in float64 "
+                        "(default: %(default)s)")
     g.add_argument("--chunk", type=int, default=None,
                    help="seeds per compiled call; lower it to save memory (default: all seeds)")
     g.add_argument("--remat", nargs="?", const=True, default=False, choices=("weight_products",),

@@ -9,6 +9,7 @@ arrays come back.  With several local devices the seed axis is sharded over them
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from functools import partial
@@ -23,7 +24,8 @@ from normfield.data import token_arrays, token_probs
 from normfield.probe.model import PRECISIONS, REMAT_POLICIES, loss_fn, init_params
 from normfield.profile import ACTIVATION_KEYS, GradProfile, control_covariates, seed_moments
 
-MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default"}
+MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default",
+                    "float64": "highest"}
 
 
 class NonFiniteGradientError(ArithmeticError):
@@ -37,7 +39,7 @@ def sample_batch(arch, key):
     logits = jnp.log(jnp.asarray(token_probs(arch), jnp.float32))
     shape = (arch.batch_size, arch.seq_len)
     if arch.tokens == "uniform":
-        draw = lambda k: jax.random.randint(k, shape, 0, arch.vocab_size)
+        draw = lambda k: jax.random.randint(k, shape, 0, arch.vocab_size, jnp.int32)  # as in 64-bit mode
     else:
         draw = lambda k: jax.random.categorical(k, logits, shape=shape)
     if arch.decoder_depth:
@@ -89,7 +91,7 @@ def one_seed(arch, precision, key, remat=False, unroll=False):
     collision counts (`collisions`) for one seed (`unroll`: the layers as a Python loop
     instead of one `lax.scan`; same numbers, compile time grows with depth)."""
     k_param, k_data = jax.random.split(key)
-    params = init_params(arch, k_param)
+    params = init_params(arch, k_param, jnp.float64 if precision == "float64" else jnp.float32)
     tokens, targets = sample_batch(arch, k_data)
     loss = partial(loss_fn, arch, precision=precision, remat=remat, unroll=unroll)
     grads, stats = jax.grad(loss, has_aux=True)(params, tokens, targets)
@@ -117,7 +119,10 @@ def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
     compiled chunk's ``remat`` and ``unroll`` flags."""
     keys = jax.random.split(jax.random.PRNGKey(key), seeds)
     place = _shard if device is None else (lambda k: jax.device_put(k, device))
-    with jax.default_matmul_precision(MATMUL_PRECISION[precision]):
+    # float64 needs JAX's 64-bit mode while it traces and runs; other precisions leave the
+    # caller's setting alone
+    x64 = jax.enable_x64(True) if precision == "float64" else contextlib.nullcontext()
+    with x64, jax.default_matmul_precision(MATMUL_PRECISION[precision]):
         return [_run_chunk(arch, precision, place(keys[lo:lo + chunk]), **options)
                 for lo in range(0, seeds, chunk)]
 
@@ -149,8 +154,10 @@ def measure_grad_norms(arch, seeds: int = 16, key: int = 0, precision: str = "fl
     Args:
       seeds: number of independent initializations (each with its own data).
       key: integer seed of the whole measurement (same key, same numbers).
-      precision: ``"float32"`` (full-precision matmuls), ``"tf32"`` or ``"bfloat16"``
-        (bf16 operands, float32 accumulation).
+      precision: ``"float32"`` (full-precision matmuls), ``"tf32"``, ``"bfloat16"``
+        (bf16 operands, float32 accumulation) or ``"float64"`` (the float32 mode's weights
+        and data, every operation in float64, under JAX's 64-bit mode: for collapsed tokens
+        whose 1 - cosine nears float32's resolution, e.g. deep Post-LN).
       chunk: seeds per compiled call (default: all at once); lower it to save memory.
       remat: rematerialize each block in the backward pass (`jax.checkpoint`) to fit larger
         configurations (True: keep only the block inputs; ``"weight_products"``: keep the

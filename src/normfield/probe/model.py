@@ -22,7 +22,7 @@ from normfield.placements import (Activation, Add, CrossAttention, Linear, Norm,
                                   SelfAttention, block, fill_constants, layer_param_shapes,
                                   split_constants, stacks)
 
-PRECISIONS = ("float32", "tf32", "bfloat16")
+PRECISIONS = ("float32", "tf32", "bfloat16", "float64")
 # `remat` choices: what each block keeps for the backward pass (`jax.checkpoint` policies)
 REMAT_POLICIES = {
     True: jax.checkpoint_policies.nothing_saveable,  # only the block inputs
@@ -91,8 +91,10 @@ def _stack_layers(arch, stack, key) -> dict:
     return jax.vmap(one_layer)(keys)
 
 
-def init_params(arch, key) -> dict:
-    """Random parameters of `arch` (float32); per-layer parameters stacked on a leading axis."""
+def init_params(arch, key, dtype=jnp.float32) -> dict:
+    """Random parameters of `arch`, per-layer parameters stacked on a leading axis: drawn in
+    float32 and cast to `dtype`, so that a float64 measurement computes the float32 one's
+    weights (the same seeds, the same draws) in float64."""
     layer_key, global_key = jax.random.split(key)
     sts = stacks(arch)
     layer_keys = [layer_key] if len(sts) == 1 else jax.random.split(layer_key, len(sts))
@@ -102,7 +104,7 @@ def init_params(arch, key) -> dict:
     for i, name in enumerate(names):
         shape = (arch.d_model,) if name.endswith(".scale") else arch.shape(name)
         params[name] = _init_one(arch, name, shape, gkeys[i])
-    return params
+    return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
 # ---- primitives --------------------------------------------------------------------------------
@@ -199,15 +201,15 @@ def _linear(p, name, x, precision):
 
 def _rotate(u, n):
     """Rotate the pairs (2f, 2f+1) of the last axis by t * theta_f (RoPE); u: (b, n, h, c)."""
-    angle = jnp.asarray(rope_angles(n, u.shape[-1]), jnp.float32)[None, :, None, :]
+    angle = jnp.asarray(rope_angles(n, u.shape[-1]), u.dtype)[None, :, None, :]
     even, odd = u[..., 0::2], u[..., 1::2]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(u.shape)
 
 
 def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None):
-    """Multi-head self-attention softmax(QK^T/sqrt(d_head))V, float32 logits and softmax in
-    every precision.  (cuDNN's fused attention through `jax.nn.dot_product_attention` was
+    """Multi-head self-attention softmax(QK^T/sqrt(d_head))V, logits and softmax in the
+    activations' dtype (float32; float64 in the float64 mode) in every precision.  (cuDNN's fused attention through `jax.nn.dot_product_attention` was
     tried on an H200 with JAX 0.11.2, batched by the seed `vmap` and, later, with the seed axis
     folded into its batch so that no vmap reached it: both gave gradient norms off by up to 11x
     per seed in bf16; see benchmarks/README.md.)  With `memory`, keys and values come from it
@@ -226,14 +228,14 @@ def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None):
         q, k = _rotate(q, n), _rotate(k, n)
     if precision == "bfloat16":
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=x.dtype)
     logits = logits / math.sqrt(arch.d_head)
     if memory is None and (mask or arch.mask) == "causal":
         logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
     weights = _softmax(logits)
     if precision == "bfloat16":
         weights, v = weights.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v, preferred_element_type=x.dtype)
     return out.reshape(b, n, d)
 
 
@@ -299,7 +301,7 @@ def segments(arch, stack=None) -> list[tuple[int, int, tuple, np.ndarray]]:
 def embed(arch, params, tokens, prefix=""):
     x = arch.embed_scale * params[prefix + "embed.tok"][tokens]
     if arch.positions == "sinusoidal":
-        x = x + jnp.asarray(sinusoidal_positions(arch.seq_len, arch.d_model), jnp.float32)
+        x = x + jnp.asarray(sinusoidal_positions(arch.seq_len, arch.d_model), x.dtype)
     elif arch.positions == "learned":
         x = x + params[prefix + "embed.pos"]
     if arch.embed_norm:
@@ -359,6 +361,6 @@ def loss_fn(arch, params, tokens, targets, precision="float32", unroll=False, re
     """Mean cross-entropy over all batch_size * seq_len (decoder) positions; aux = stream
     statistics."""
     logits, stats = forward(arch, params, tokens, precision, unroll, remat)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)  # float32 (float64) in every precision
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)
     return jnp.mean(nll), stats
