@@ -17,6 +17,7 @@ import pytest
 from scipy.special import erf
 
 from normfield.arch import Arch, Init
+from normfield.probe.measure import _x64_mode
 from normfield.probe.model import init_params, loss_fn
 
 TINY = dict(d_model=8, n_heads=2, d_ff=16, seq_len=5, batch_size=2, vocab_size=11)
@@ -313,7 +314,7 @@ def test_float64_mode_matches_numpy_to_float64_rounding(name):
     of the reference: truncation O(h^4), roundoff ~1e-16/h ~1e-12 at h = 1e-4)."""
     arch, _, P64, tokens, targets, loss32, _, _ = make_case(name)
     ref, ref_st = ref_loss(arch, P64, tokens, targets, with_stats=True)
-    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+    with _x64_mode(), jax.default_matmul_precision("highest"):
         f = jax.jit(jax.value_and_grad(
             lambda p, t, y: loss_fn(arch, p, t, y, precision="float64"), has_aux=True))
         (loss, stats), grads = f(jax.tree_util.tree_map(jnp.asarray, P64),

@@ -113,6 +113,16 @@ def _shard(keys):
     return keys
 
 
+def _x64_mode():
+    """JAX's 64-bit mode as a context manager: ``jax.enable_x64(True)``, or on JAX versions
+    without it (0.4.x) ``jax.experimental.enable_x64()``."""
+    mode = getattr(jax, "enable_x64", None)
+    if mode is None:
+        from jax.experimental import enable_x64
+        return enable_x64()
+    return mode(True)
+
+
 def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
     """Dispatch every chunk of seeds (asynchronously; nothing is fetched): on `device`, or with
     the seed axis sharded over all local devices when `device` is None.  `options`: the
@@ -121,7 +131,7 @@ def _dispatch(arch, seeds, key, precision, chunk, options, device=None) -> list:
     place = _shard if device is None else (lambda k: jax.device_put(k, device))
     # float64 needs JAX's 64-bit mode while it traces and runs; other precisions leave the
     # caller's setting alone
-    x64 = jax.enable_x64(True) if precision == "float64" else contextlib.nullcontext()
+    x64 = _x64_mode() if precision == "float64" else contextlib.nullcontext()
     with x64, jax.default_matmul_precision(MATMUL_PRECISION[precision]):
         return [_run_chunk(arch, precision, place(keys[lo:lo + chunk]), **options)
                 for lo in range(0, seeds, chunk)]

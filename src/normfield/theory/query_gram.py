@@ -41,7 +41,16 @@ Not covered (`attention` keeps the mean-field Gram there):
     Measured (one attention, n 32, d 128, input cosine 0.3, 1,024 samples): the mean-field
     Gram reads attn.k +1.6 / +1.6 / +2.6% at d_head 8 / 16 / 32 and this correction would
     give +12.7 / +6.9 / +5.2%;
-  * the key Gram's realization in the query gradient (its softmax rows see every key), and
+  * the key Gram's realization in the query gradient, ``G_q ~ sum_jj' A_ij A_i'j' Khat(j, j')
+    ...``.  Given the queries, the keys are iid (the exchangeable-key approximation) and, in
+    expectation over the part of the keys orthogonal to the two queries,
+    ``Khat(j, j') = common + ((d_head - 2) r_k delta_jj' + s_j^T Qhat^-1 s_j') / d_head``
+    (s_j the pair's two logits of key j): a softmax moment weighted by the logits themselves,
+    which `softmax` does not compute.  To first order in the logit variance the
+    term raises the fluctuation part of G_q by ``(rho (n - 2) - 4) / ((rho (n - 2) - 2)
+    d_head)`` for bidirectional rows (sampled Wishart key Grams, n 32, rho 0.3: +9.0% at
+    d_head 8 against 8.9%), but at logit variance 0.7 sampling gives +4.0% at d_head 8 and
+    +4.1% at d_head 4: the first order does not hold there, so the term is left out; and
     higher orders in 1/d_head (one attention as above at d_head 4: attn.k -22.4% with the
     mean-field Gram, +1.9% with this term).
 Checked: `tests/test_theory_query_gram.py` (exactness for linear f, a sampled Wishart
