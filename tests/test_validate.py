@@ -114,6 +114,23 @@ def test_markdown_table_has_one_row_per_configuration(tmp_path, monkeypatch):
     assert len(table) == 3 and table[2].startswith("| pre | bidirectional | relu | 50.0 |")
 
 
+def test_shards_split_the_medium_grid_into_equal_costs():
+    """Every configuration in exactly one shard, in grid order, and the shards' summed
+    `probe_cost` within 5% of each other (every second configuration would put all the
+    d_model 512 ones, 3.9x the cost, into one of two shards)."""
+    archs, _ = validate.grid_configs("medium")
+    for count in (2, 3, 4):
+        shards = [validate.shard_configs(archs, i, count) for i in range(count)]
+        assert sorted(map(validate.config_name, sum(shards, []))) == sorted(
+            map(validate.config_name, archs))
+        for shard in shards:
+            assert shard == [a for a in archs if a in shard]
+        loads = [sum(map(validate.probe_cost, shard)) for shard in shards]
+        assert max(loads) <= 1.05 * min(loads), loads
+    halves = [sum(map(validate.probe_cost, archs[i::2])) for i in range(2)]
+    assert max(halves) > 3 * min(halves)
+
+
 def test_shards_partition_the_grid_and_merge_reads_them(tmp_path, monkeypatch):
     measure, calls = _fake_measure(1.0)
     monkeypatch.setattr(validate, "measure_sweep", measure)

@@ -354,13 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small grid and few seeds (minutes on a CPU)")
     p.add_argument("--grid", choices=("quick", "medium", "full", "sample", "coverage"),
                    help="grid to run: quick (= --quick), medium (d_model 256/512, depth 6-24, "
-                        "bidirectional and causal, 96 seeds: the accuracy bar, ~1.5 h on 2 CPU cores), "
+                        "bidirectional and causal, 96 seeds: the accuracy bar, about an hour of one CPU "
+                        "core, half that as two shards), "
                         "full (the whole grid, for a GPU), sample (16 configs of the full grid "
                         "along seq_len 64/256, GELU and d_model 1024, 64 seeds) or coverage (one "
                         "config per placement, norm, activation, position and QK-Norm at "
                         "d_model 256); default full, or quick with --quick")
     p.add_argument("--shard", metavar="I/N",
-                   help="run only configurations I, I+N, I+2N, ... (job arrays; 0 <= I < N)")
+                   help="run only shard I of N (job arrays; 0 <= I < N): the configurations split "
+                        "into N sets of equal estimated cost")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per configuration (default: the grid's, 96 for medium, 64 for "
                         "sample and coverage); 1-32 or a multiple of 32, measured in 32-seed blocks, so "

@@ -258,7 +258,8 @@ def run_grid(archs: list[Arch], seeds: int, out: str, cached_only: bool = False,
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs configurations I, I+N, I+2N..."""
+    """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs the configurations of shard I of
+    N (`shard_configs`)."""
     if text is None:
         return None
     index, _, count = str(text).partition("/")
@@ -269,6 +270,29 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 0 <= i < n:
         raise ValueError(f"invalid shard={text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     return i, n
+
+
+def probe_cost(arch: Arch) -> float:
+    """A measurement's relative cost, to balance shards: multiply-adds per sequence of the
+    forward pass, ``layers n d (4 d + 2 d_ff + 2 n)`` (four d x d projections, two FFN
+    matrices, the attention's two n x n products) plus the head's ``n d vocab``."""
+    n, d = arch.seq_len, arch.d_model
+    layers = arch.depth + arch.decoder_depth
+    return float(layers * n * d * (4 * d + 2 * arch.d_ff + 2 * n) + n * d * arch.vocab_size)
+
+
+def shard_configs(archs: list[Arch], index: int, count: int) -> list[Arch]:
+    """The configurations of shard `index` of `count`, in grid order: each configuration in
+    exactly one shard, the shards' total `probe_cost` balanced (largest first, each to the
+    shard with the least so far, ties to the lower index).  Taking every count-th
+    configuration instead gave one shard of the medium grid all the d_model 512 ones."""
+    loads = [0.0] * count
+    owner = {}
+    for i in sorted(range(len(archs)), key=lambda i: (-probe_cost(archs[i]), i)):
+        shard = min(range(count), key=lambda k: (loads[k], k))
+        owner[i] = shard
+        loads[shard] += probe_cost(archs[i])
+    return [a for i, a in enumerate(archs) if owner[i] == index]
 
 
 def _stats(rows: list[dict]) -> tuple[float, float, float, float, float]:
@@ -395,7 +419,7 @@ def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
     out = out or f"results/validation-{name}"
     part = parse_shard(shard)
     if part:
-        archs = archs[part[0]::part[1]]
+        archs = shard_configs(archs, *part)
     seeds = default_seeds if seeds is None else seeds
     seed_blocks(seeds)  # ValueError for a bad seed count before any work
     check_int("chunk", chunk, 1)
