@@ -45,12 +45,17 @@ Not covered (`attention` keeps the mean-field Gram there):
     ...``.  Given the queries, the keys are iid (the exchangeable-key approximation) and, in
     expectation over the part of the keys orthogonal to the two queries,
     ``Khat(j, j') = common + ((d_head - 2) r_k delta_jj' + s_j^T Qhat^-1 s_j') / d_head``
-    (s_j the pair's two logits of key j): a softmax moment weighted by the logits themselves,
-    which `softmax` does not compute.  To first order in the logit variance the
-    term raises the fluctuation part of G_q by ``(rho (n - 2) - 4) / ((rho (n - 2) - 2)
-    d_head)`` for bidirectional rows (sampled Wishart key Grams, n 32, rho 0.3: +9.0% at
-    d_head 8 against 8.9%), but at logit variance 0.7 sampling gives +4.0% at d_head 8 and
-    +4.1% at d_head 4: the first order does not hold there, so the term is left out; and
+    (s_j the pair's two logits of key j, covariance Sigma = r_k Qhat).  Stein's lemma on each
+    key's logits turns the second part into 2 Q plus ``X = E[sum_jj' D_jj' f_jj']``, with
+    ``D_jj' = sum_bc Sigma_bc d/ds_jb d/ds_j'c`` and f the weights of Khat in G_q
+    (``delta_jj' a_j b_j - a_j b_j b_j' - a_j a_j' b_j' + (a.b) a_j b_j'``), so that Q becomes
+    ``E[Q(Qhat)] + X / d_head``: the pair's realized query Gram in Q (the delta method above,
+    with f in place of z f) plus X, higher polynomial moments of the two rows that `softmax`
+    does not compute.  Sampled at n 32, rho 0.3 (fluctuation part Q - Q0):
+    ``X / (Q - Q0)`` = +0.61 (se 0.06) at logit variance 0.05 (its first order, ``(rho (n - 2) - 4) /
+    (rho (n - 2) - 2)``, gives 0.71) and -0.07 (se 0.02) at 0.7, where the query Gram's part is +6.8% at
+    d_head 8 (se 1.2%) and both together, over sampled Wishart key Grams, +4.0% (se 0.4%).
+    Either part alone is wrong over part of the range, so neither is used; and
     higher orders in 1/d_head (one attention as above at d_head 4: attn.k -22.4% with the
     mean-field Gram, +1.9% with this term).
 Checked: `tests/test_theory_query_gram.py` (exactness for linear f, a sampled Wishart
