@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,28 @@ def test_same_key_is_bit_identical_and_other_key_differs():
     # distinct seeds within one measurement are distinct draws too
     sq = a.per_seed_sq["attn.q"]
     assert len(np.unique(sq[:, 0])) == SEEDS
+
+
+def test_collapsed_tokens_warn_below_float64():
+    """Post-LN at depth 24, d 32 collapses its tokens (the theory predicts 1 - cosine 6.5e-7 at
+    the last stream point, below `FLOAT32_COSINE_FLOOR`): the float32 measurement warns, naming
+    the statistic and the point, and keeps the warning in its metadata (a pooled measurement
+    too); the float64 one and Pre-LN (1 - cosine above 0.1) do not warn."""
+    shape = dict(depth=24, d_model=32, n_heads=2, d_ff=64, seq_len=8, batch_size=2,
+                 vocab_size=64)
+    post = Arch(placement="post", **shape)
+    with pytest.warns(measure.PrecisionWarning, match=r"1 - cos_within is .* at stream point 2[34]"):
+        collapsed = measure_grad_norms(post, seeds=2)
+    assert "precision='float64'" in collapsed.meta["precision_warning"]
+    with pytest.warns(measure.PrecisionWarning):
+        other = measure_grad_norms(post, seeds=2, key=1)
+    assert "stream point" in pool_seed_blocks([collapsed, other]).meta["precision_warning"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", measure.PrecisionWarning)
+        exact = measure_grad_norms(post, seeds=2, precision="float64")
+        measure_grad_norms(Arch(placement="pre", **shape), seeds=2)
+    assert "precision_warning" not in exact.meta
+    assert 1.0 - exact.activations["cos_within"][-1] < 1e-5
 
 
 def test_float64_measures_the_float32_draws_in_float64():

@@ -30,7 +30,8 @@ import numpy as np
 
 from normfield.arch import Arch, check_int, group_of
 from normfield.probe.measure import measure_sweep
-from normfield.profile import GradProfile, atomic_write_text, pool_seed_blocks
+from normfield.profile import (FLOAT32_COSINE_FLOOR, GradProfile, atomic_write_text,
+                               closest_tokens, pool_seed_blocks)
 from normfield.progress import progress
 from normfield.theory.predict import predict
 
@@ -196,22 +197,12 @@ def seed_blocks(seeds: int) -> list[tuple[int, int]]:
     return [(SEED_BLOCK, k) for k in range(seeds // SEED_BLOCK)]
 
 
-# Below this 1 - cosine between tokens the probe's float32 misreads the collapsed stream.
-# Measured on Post-LN depth 24, d 512, seq 32, bidirectional (32 seeds, the same draws in
-# float32 and float64): float32 reads 1 - cosine 0.4 / 4.4 / 20% above float64 at 2.8e-6 /
-# 7.2e-7 / 1.8e-7 (an offset of 1-4e-8, a few float32 ulps of 1), and attn.q and attn.k of the
-# last two layers (1 - cosine 3.6e-7 and 1.8e-7 after them) 3% and 19-20% high; every other
-# parameter and point agrees within 0.01%.
-FLOAT32_COSINE_FLOOR = 1e-5
-
-
 def measurement_precision(theory: GradProfile) -> str:
     """``"float64"`` when the predicted 1 - cosine between tokens (within or across sequences,
-    any stream point of any stack) falls below `FLOAT32_COSINE_FLOOR`, else ``"float32"``."""
-    cosines = [v for k, v in theory.activations.items()
-               if k.endswith(("cos_within", "cos_across"))]
-    closest = max((np.nanmax(c) for c in cosines if np.any(np.isfinite(c))), default=0.0)
-    return "float64" if 1.0 - closest < FLOAT32_COSINE_FLOOR else "float32"
+    any stream point of any stack) falls below `profile.FLOAT32_COSINE_FLOOR`, else
+    ``"float32"``."""
+    closest = closest_tokens(theory.activations)
+    return "float64" if closest and closest[0] < FLOAT32_COSINE_FLOOR else "float32"
 
 
 def block_path(out: str, arch: Arch, seeds: int, key: int, precision: str = "float32") -> str:

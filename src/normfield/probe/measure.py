@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
+import warnings
 from functools import partial
 
 import jax
@@ -22,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from normfield.arch import check_choice, check_int
 from normfield.data import token_arrays, token_probs
 from normfield.probe.model import PRECISIONS, REMAT_POLICIES, loss_fn, init_params
-from normfield.profile import ACTIVATION_KEYS, GradProfile, control_covariates, seed_moments
+from normfield.profile import (ACTIVATION_KEYS, GradProfile, control_covariates,
+                               resolution_warning, seed_moments)
 
 MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "default",
                     "float64": "highest"}
@@ -30,6 +32,11 @@ MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "
 
 class NonFiniteGradientError(ArithmeticError):
     """A measured gradient norm is NaN or infinite."""
+
+
+class PrecisionWarning(UserWarning):
+    """A measurement below float64 whose tokens collapsed past float32's resolution
+    (`profile.resolution_warning`)."""
 
 
 def sample_batch(arch, key):
@@ -241,11 +248,15 @@ def _profile(arch, parts, seeds, key, precision, options, elapsed) -> GradProfil
                                    else np.full(values.shape[1], np.nan))
         if arch.batch_size == 1:
             acts[prefix + "cos_across"] = np.full(st.shape[1], np.nan)
+    warning = resolution_warning(acts, precision)
+    if warning:
+        warnings.warn(warning, PrecisionWarning, stacklevel=3)
     meta = {"seeds": seeds, "key": key, "precision": precision, "estimator": estimator, **options,
             "jax_version": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "n_devices": jax.local_device_count(),
             "platform": platform.platform(), "seconds": elapsed,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"precision_warning": warning} if warning else {})}
     return GradProfile(arch=arch, source="probe", grads=grads, stderr=stderr, per_seed_sq=per_seed,
                        per_seed_collisions=coll, activations=acts, activations_stderr=acts_se,
                        meta=meta)
