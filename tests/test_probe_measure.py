@@ -157,7 +157,8 @@ def test_collapsed_tokens_warn_below_float64():
     shape = dict(depth=24, d_model=32, n_heads=2, d_ff=64, seq_len=8, batch_size=2,
                  vocab_size=64)
     post = Arch(placement="post", **shape)
-    with pytest.warns(measure.PrecisionWarning, match=r"1 - cos_within is .* at stream point 2[34]"):
+    warned = r"1 - cos_within is .* at stream point 2[34]"
+    with pytest.warns(measure.PrecisionWarning, match=warned):
         collapsed = measure_grad_norms(post, seeds=2)
     assert "precision='float64'" in collapsed.meta["precision_warning"]
     with pytest.warns(measure.PrecisionWarning):

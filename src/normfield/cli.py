@@ -28,7 +28,8 @@ from normfield.progress import progress
 __all__ = ["main", "build_parser", "arch_from_args", "format_profile", "write_profile", "progress"]
 
 PROG = "normfield"
-PRECISIONS = ("float32", "tf32", "bfloat16", "float64")  # normfield.probe.model.PRECISIONS (no jax import)
+# normfield.probe.model.PRECISIONS (no jax import)
+PRECISIONS = ("float32", "tf32", "bfloat16", "float64")
 
 CHOICES: dict[str, Sequence[str]] = {
     "placement": tuple(PLACEMENTS), "norm": NORMS, "activation": ACTIVATIONS, "mask": MASKS,
@@ -354,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small grid and few seeds (minutes on a CPU)")
     p.add_argument("--grid", choices=("quick", "medium", "full", "sample", "coverage"),
                    help="grid to run: quick (= --quick), medium (d_model 256/512, depth 6-24, "
-                        "bidirectional and causal, 96 seeds: the accuracy bar, about an hour of one CPU "
-                        "core, half that as two shards), "
+                        "bidirectional and causal, 96 seeds: the accuracy bar, about an hour of "
+                        "one CPU core, half that as two shards), "
                         "full (the whole grid, for a GPU), sample (16 configs of the full grid "
                         "along seq_len 64/256, GELU and d_model 1024, 64 seeds) or coverage (one "
                         "config per placement, norm, activation, position and QK-Norm at "

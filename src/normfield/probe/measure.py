@@ -46,7 +46,8 @@ def sample_batch(arch, key):
     logits = jnp.log(jnp.asarray(token_probs(arch), jnp.float32))
     shape = (arch.batch_size, arch.seq_len)
     if arch.tokens == "uniform":
-        draw = lambda k: jax.random.randint(k, shape, 0, arch.vocab_size, jnp.int32)  # as in 64-bit mode
+        # int32 also in 64-bit mode (float64 measurements draw the float32 ones' tokens)
+        draw = lambda k: jax.random.randint(k, shape, 0, arch.vocab_size, jnp.int32)
     else:
         draw = lambda k: jax.random.categorical(k, logits, shape=shape)
     if arch.decoder_depth:

@@ -209,11 +209,12 @@ def _rotate(u, n):
 
 def _attention(arch, p, x, precision, prefix="attn", mask=None, memory=None):
     """Multi-head self-attention softmax(QK^T/sqrt(d_head))V, logits and softmax in the
-    activations' dtype (float32; float64 in the float64 mode) in every precision.  (cuDNN's fused attention through `jax.nn.dot_product_attention` was
-    tried on an H200 with JAX 0.11.2, batched by the seed `vmap` and, later, with the seed axis
-    folded into its batch so that no vmap reached it: both gave gradient norms off by up to 11x
-    per seed in bf16; see benchmarks/README.md.)  With `memory`, keys and values come from it
-    (cross-attention, no mask); `mask` None takes ``arch.mask``."""
+    activations' dtype (float32; float64 in the float64 mode) in every precision.  (cuDNN's
+    fused attention through `jax.nn.dot_product_attention` was tried on an H200 with JAX
+    0.11.2, batched by the seed `vmap` and, later, with the seed axis folded into its batch so
+    that no vmap reached it: both gave gradient norms off by up to 11x per seed in bf16; see
+    benchmarks/README.md.)  With `memory`, keys and values come from it (cross-attention, no
+    mask); `mask` None takes ``arch.mask``."""
     b, n, d = x.shape
     kv_src = x if memory is None else memory
     heads = lambda name, src: _linear(p, f"{prefix}.{name}", src, precision).reshape(

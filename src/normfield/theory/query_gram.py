@@ -52,12 +52,12 @@ Not covered (`attention` keeps the mean-field Gram there):
     ``E[Q(Qhat)] + X / d_head``: the pair's realized query Gram in Q (the delta method above,
     with f in place of z f) plus X, higher polynomial moments of the two rows that `softmax`
     does not compute.  Sampled at n 32, rho 0.3 (fluctuation part Q - Q0):
-    ``X / (Q - Q0)`` = +0.61 (se 0.06) at logit variance 0.05 (its first order, ``(rho (n - 2) - 4) /
-    (rho (n - 2) - 2)``, gives 0.71) and -0.07 (se 0.02) at 0.7, where the query Gram's part is +6.8% at
-    d_head 8 (se 1.2%) and both together, over sampled Wishart key Grams, +4.0% (se 0.4%).
-    Either part alone is wrong over part of the range, so neither is used; and
-    higher orders in 1/d_head (one attention as above at d_head 4: attn.k -22.4% with the
-    mean-field Gram, +1.9% with this term).
+    ``X / (Q - Q0)`` = +0.61 (se 0.06) at logit variance 0.05 (its first order,
+    ``(rho (n - 2) - 4) / (rho (n - 2) - 2)``, gives 0.71) and -0.07 (se 0.02) at 0.7, where
+    the query Gram's part is +6.8% at d_head 8 (se 1.2%) and both together, over sampled
+    Wishart key Grams, +4.0% (se 0.4%).  Either part alone is wrong over part of the range, so
+    neither is used; and higher orders in 1/d_head (one attention as above at d_head 4: attn.k
+    -22.4% with the mean-field Gram, +1.9% with this term).
 Checked: `tests/test_theory_query_gram.py` (exactness for linear f, a sampled Wishart
 expectation) and `tests/test_theory_attention_finite_width.py` (one-attention Monte Carlo at
 d_head 8, bidirectional and causal)."""
