@@ -223,3 +223,25 @@ def test_beyond_noise_is_unbiased_on_simulated_measurements():
     rows = [{"rel_err": e, "rel_se": s} for e, s in zip(err.ravel(), np.tile(se, 4000))]
     assert validate.beyond_noise(rows) == pytest.approx(np.sqrt(np.mean(bias ** 2)), abs=0.003)
     assert np.median(np.abs(err)) > 0.025  # the median |error| is mostly noise
+
+
+def test_merge_names_configurations_whose_precision_changed(tmp_path, monkeypatch, capsys):
+    """A theory change that moves a configuration's predicted collapse across the float32
+    floor makes its old blocks the wrong precision: the merge leaves it out of the table and
+    says so, naming the precision of the blocks it has."""
+    measure, calls = _fake_measure(1.0)
+    monkeypatch.setattr(validate, "measure_sweep", measure)
+    monkeypatch.setattr(validate, "QUICK_GRID", dict(validate.QUICK_GRID, d_model=(32,),
+                                                     seq_len=(4,), depth=(1, 2), seeds=2))
+    monkeypatch.setitem(validate.GRIDS, "quick", validate.QUICK_GRID)
+    validate.main(grid="quick", out=str(tmp_path))
+    assert "not in the table" not in capsys.readouterr().out
+    flipped = validate.config_name(validate.grid_configs("quick")[0][0])
+    real = validate.measurement_precision
+    monkeypatch.setattr(validate, "measurement_precision", lambda t: "float64" if (
+        validate.config_name(t.arch) == flipped) else real(t))
+    validate.main(grid="quick", out=str(tmp_path), merge=True)
+    out = capsys.readouterr().out
+    assert "1 of 4 configurations not in the table" in out
+    assert f"{flipped}: only float32 blocks" in out
+    assert len(calls) == 4  # nothing measured by the merge

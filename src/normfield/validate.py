@@ -197,6 +197,9 @@ def seed_blocks(seeds: int) -> list[tuple[int, int]]:
     return [(SEED_BLOCK, k) for k in range(seeds // SEED_BLOCK)]
 
 
+MEASURED_PRECISIONS = ("float32", "float64")  # the two `measurement_precision` chooses from
+
+
 def measurement_precision(theory: GradProfile) -> str:
     """``"float64"`` when the predicted 1 - cosine between tokens (within or across sequences,
     any stream point of any stack) falls below `profile.FLOAT32_COSINE_FLOOR`, else
@@ -246,6 +249,26 @@ def run_grid(archs: list[Arch], seeds: int, out: str, cached_only: bool = False,
             rows.extend(dict(r, seeds=measured.meta["seeds"], precision=precision)
                         for r in compare(theory, measured))
     return rows
+
+
+def unmeasured(archs: list[Arch], rows: list[dict], seeds: int, out: str) -> list[str]:
+    """The configurations of `archs` without a row (no seed block at the precision
+    `measurement_precision` now asks for), one line each, naming the precision of any blocks
+    they do have: after a theory change moves a configuration's predicted collapse across
+    `FLOAT32_COSINE_FLOOR`, its old blocks no longer count, and a merge must say so rather than
+    leave the configuration out of the table unannounced."""
+    seen = {r["config"] for r in rows}
+    lines = []
+    for arch in archs:
+        name = config_name(arch)
+        if name in seen:
+            continue
+        other = [p for p in MEASURED_PRECISIONS
+                 if any(os.path.exists(block_path(out, arch, n, key, p))
+                        for n, key in seed_blocks(seeds))]
+        lines.append(f"{name}: " + (f"only {' and '.join(other)} blocks (the theory now asks "
+                                    f"for the other precision)" if other else "no blocks"))
+    return lines
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -426,6 +449,10 @@ def main(quick: bool = False, out: str | None = None, seeds: int | None = None,
     atomic_write_text(os.path.join(out, "summary.txt"), table + "\n")
     atomic_write_text(os.path.join(out, "summary.md"), markdown_table(rows) + "\n")
     print(table)
+    missing = unmeasured(archs, rows, seeds, out)
+    if missing:
+        print(f"\n{len(missing)} of {len(archs)} configurations not in the table (run without "
+              f"--merge to measure them):\n  " + "\n  ".join(missing))
     counts = sorted({r["seeds"] for r in rows})
     per_config = (f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}")
     print(f"\n{len(rows)} rows from {len({r['config'] for r in rows})} configurations, "
