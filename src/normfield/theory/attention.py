@@ -566,7 +566,11 @@ def gram_fluctuation(mask: Mask, kx: Blocks, fluct: float, rot: Rotary | None = 
     Approximations: the covariance is taken in the pairing form with one matched amplitude
     (`fluctuation.embedding` matches it on this very sum for the embedding, where token
     collisions and deterministic positions make other shapes); QK-Norm rescales the key
-    kernel by its mean normalization.  Checks:
+    kernel by its mean normalization.  Token collisions enter as this covariance only: a pair
+    of keys holding the same token also has a third moment in the query and key gradients'
+    fluctuation parts (logit, key and value correlations of the pair at once), not derived;
+    it leaves attn.q and attn.k low by about 3% per unit of n p_c (README, "Validation").
+    Checks:
     ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8; the RoPE forms against
     their definition summed term by term)."""
     if rot is None and mask.full:  # t a scalar, B = mean(D(K)^2) per block (both at once)
