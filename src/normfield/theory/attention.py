@@ -569,7 +569,9 @@ def gram_fluctuation(mask: Mask, kx: Blocks, fluct: float, rot: Rotary | None = 
     kernel by its mean normalization.  Token collisions enter as this covariance only: a pair
     of keys holding the same token also has a third moment in the query and key gradients'
     fluctuation parts (logit, key and value correlations of the pair at once), not derived;
-    it leaves attn.q and attn.k low by 4-6% per unit of n p_c up to 2 (README, "Validation").
+    with uniform tokens it leaves attn.q and attn.k low by 4-6% per unit of n p_c up to 2;
+    Zipfian tokens, whose collisions gather on a few tokens, do not follow n p_c (README,
+    "Validation").
     Checks:
     ``tests/test_theory_attention_finite_width.py`` (MC at n/d = 1/8; the RoPE forms against
     their definition summed term by term)."""
