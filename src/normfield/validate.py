@@ -255,8 +255,8 @@ def unmeasured(archs: list[Arch], rows: list[dict], seeds: int, out: str) -> lis
     """The configurations of `archs` without a row (no seed block at the precision
     `measurement_precision` now asks for), one line each, naming the precision of any blocks
     they do have: after a theory change moves a configuration's predicted collapse across
-    `FLOAT32_COSINE_FLOOR`, its old blocks no longer count, and a merge must say so rather than
-    leave the configuration out of the table unannounced."""
+    `profile.FLOAT32_COSINE_FLOOR`, its old blocks no longer count, and a merge must say so
+    rather than leave the configuration out of the table unannounced."""
     seen = {r["config"] for r in rows}
     lines = []
     for arch in archs:
