@@ -156,6 +156,54 @@ def test_groups_of_one_call_share_its_pair_set_and_give_each_groups_own_moments(
         np.testing.assert_allclose(b * Q[sel] - (1.0 - 1.0 / a), fq, rtol=1e-4, atol=1e-12)
 
 
+def _clear_softmax_caches(softmax):
+    softmax._quadrature.cache_clear()
+    softmax._NODE_TABLES.clear()
+    softmax._NODE_TABLE_BYTES[0] = 0
+
+
+def test_groups_of_a_large_pair_set_read_their_own_pairs(monkeypatch):
+    """Above `_WHOLE_PAIR_SET` pairs a group asks its quadrature's table only for the pairs
+    its own entries hold, and the table keeps them for later calls: the same causal-like call
+    (row lengths 1..12, three variances) with the threshold at 10 pairs gives the values of the
+    whole-set policy up to the last bits (Laplace sums batched differently); a call on some of
+    its rows first stores only their pairs, and a call on those rows afterwards reads the
+    stored values bit for bit from tables that hold more pairs, adding nothing.  A wrong
+    position in a table moves the fluctuation parts by O(1)."""
+    from normfield.theory import softmax
+
+    rows = np.arange(1, 13)
+    n1, n2 = np.minimum.outer(rows, rows), np.maximum.outer(rows, rows)
+    rng = np.random.default_rng(1)
+    rho = rng.uniform(0.2, 1.0, n1.shape)
+    v = np.choose(rng.integers(0, 3, n1.shape), (0.3, 0.9, 2.1))
+    _clear_softmax_caches(softmax)
+    want = pair_moments(n1, n2, v, v, rho)
+    whole = {key: node.keys.size for key, node in softmax._NODE_TABLES.items()}
+    assert sorted(whole.values()) == [77] * 3  # every distinct (n1, n2) pair with n2 > 1
+
+    monkeypatch.setattr(softmax, "_WHOLE_PAIR_SET", 10)
+    _clear_softmax_caches(softmax)
+    part = pair_moments(n1[6:], n2[6:], v[6:], v[6:], rho[6:])  # rows 7..12 against all
+    held = {key: node.keys.size for key, node in softmax._NODE_TABLES.items()}
+    got = pair_moments(n1, n2, v, v, rho)
+    grown = {key: node.keys.size for key, node in softmax._NODE_TABLES.items()}
+    for key, size in grown.items():
+        distinct = {(a, b) for a, b, x in zip(n1.ravel(), n2.ravel(), v.ravel())
+                    if b > 1 and x == key[0]}
+        assert held.get(key, 0) < size == len(distinct) < whole[key]
+    live = n2 > 1
+    for g, w in zip(got, want):
+        np.testing.assert_allclose((n2 * g - 1.0)[live], (n2 * w - 1.0)[live], rtol=1e-12,
+                                   atol=1e-15)
+    # read back from tables that hold more pairs than asked for: the stored values
+    for a, b in zip(pair_moments(n1[6:], n2[6:], v[6:], v[6:], rho[6:]), got):
+        np.testing.assert_array_equal(a, b[6:])
+    assert {key: node.keys.size for key, node in softmax._NODE_TABLES.items()} == grown
+    for a, b in zip(part, got):
+        np.testing.assert_array_equal(a, b[6:])
+
+
 def test_variances_beyond_the_analytic_range_are_left_to_monte_carlo():
     T, Q = pair_moments(8, 16, 50.0, 50.0, 0.5, method="mc", samples=2048)
     assert np.isfinite(T) and np.isfinite(Q) and 1 / 16 < T < 1

@@ -50,12 +50,16 @@ each row's conditional transforms per ``(v, size bucket, rho range)`` (`_side`;
 the two rows share one when v1 = v2), the combined transforms per ``(v1, v2,
 size buckets, rho range)`` (`_Quadrature`, with its sums over s per n1;
 ``G00^(n1-1)`` is a fixed product of squarings), and the node moments per
-quadrature and set of (n1, n2) pairs (`_node_moments`, up to 256 MiB), so that a
-repeated prediction needs no quadrature.  The groups of one call (entries
-at one exact (v1, v2)) share the call's whole pair set and size buckets, so that
-a variance's node moments serve every group, causal row and layer it appears in
-(a deep causal Post-LN stack meets each grid variance in several layers as its
-tokens collapse: 142 quadratures instead of 898 at depth 48, seq 128).  Several
+quadrature and (n1, n2) pair (`_NodeTable`, one per quadrature, filled as calls ask for
+new pairs; up to 256 MiB over all of them), so that a repeated prediction needs no
+quadrature.  The groups of one call (entries at one exact (v1, v2)) share the call's size
+buckets, so that a variance's quadrature serves every group, causal row and layer it
+appears in (a deep causal Post-LN stack meets each grid variance in several layers as its
+tokens collapse: 142 quadratures instead of 898 at depth 48, seq 128).  Up to
+`_WHOLE_PAIR_SET` (2^15) distinct pairs in a call (causal rows up to 255 tokens) every
+group asks for the call's whole pair set, computed once per quadrature; above it a group
+asks only for the pairs its own entries hold, a few percent of the 131,328 pairs of a
+causal 512-token sequence (a Pre-LN depth-12 prediction at seq 512: 258 s -> 64 s).  Several
 variances at the same n1, n2 and rho (`pair_moments_at`) share one set of rho
 interpolation weights.
 
@@ -345,7 +349,8 @@ _QUAD_H = 0.6       # trapezoid step in (log s, log t)
 _QUAD_TAIL = 14.0   # e-folds kept below the bulk of the (log s, log t) integrand
 _N_RHO = 13         # Chebyshev-Lobatto nodes in rho (on [0, 1], or [-1, 1] if any rho < 0)
 _PEEL = 8           # (v1, v2) groups split off by comparison before np.unique sorts the rest
-_MOMENT_CACHE_BYTES = 256 * 2**20   # node moments kept for repeated (quadrature, pair set)
+_MOMENT_CACHE_BYTES = 256 * 2**20   # node moments kept over all quadratures (`_NodeTable`)
+_WHOLE_PAIR_SET = 2**15  # up to this many pairs in a call, every group asks for all of them
 
 
 def _bucket(n):
@@ -433,51 +438,99 @@ class _Quadrature:
 
     def node_moments(self, pairs):
         """Fluctuation parts ``Ft = n2 T1 - 1`` and ``Fq = n2 Q - (1 - 1/n1)`` of every
-        (n1, n2) row of `pairs` at every rho node: one array (2, len(pairs), _N_RHO)."""
+        (n1, n2) row of `pairs` (sorted by n1) at every rho node: one array
+        (2, len(pairs), _N_RHO)."""
         pa, pb = pairs[:, 0], pairs[:, 1]
         un1, ia = np.unique(pa, return_inverse=True)
         ud, idd = np.unique(pb - pa, return_inverse=True)
         U = self._laplace_sums(un1)                                # (K, Y, N1, 5)
         E = np.exp(ud[:, None] * self.M[None, :])                  # (D, Y): psi^(n2-n1)
-        if un1.size * ud.size <= 4 * pairs.shape[0]:  # every (n1, n2 - n1) at once
-            K, Y, N1, _ = U.shape
-            R = (U.reshape(K, Y, N1 * 5).swapaxes(1, 2) @ E.T).reshape(K, N1, 5, -1)
-            R = R[:, ia, :, idd]                                   # (pairs, K, 5)
-        else:
-            R = np.einsum("py,kypc->pkc", E[idd], U[:, :, ia])
+        K, Y, N1, _ = U.shape
+        U = U.transpose(2, 1, 0, 3).reshape(N1, Y, K * 5)          # per n1: (Y, K * 5)
+        R = np.empty((pairs.shape[0], K * 5))
+        starts = np.searchsorted(pa, un1)  # one product per run of equal n1 (sorted pairs)
+        for i, (lo, hi) in enumerate(zip(starts, [*starts[1:], pa.size])):
+            np.matmul(E[idd[lo:hi]], U[i], out=R[lo:hi])
+        R = R.reshape(-1, K, 5)
         R *= _QUAD_H * _QUAD_H
         a, b = pa[:, None], pb[:, None]
         T1 = a * R[..., 0]
         Q = T1 - a * (R[..., 1] + R[..., 2]) + a * R[..., 3] + a * (a - 1.0) * R[..., 4]
-        tables = np.stack((b * T1 - 1.0, b * Q - (1.0 - 1.0 / a)))
-        tables.flags.writeable = False
-        return tables
+        return np.stack((b * T1 - 1.0, b * Q - (1.0 - 1.0 / a)))
 
 
 _quadrature = functools.lru_cache(maxsize=8)(_Quadrature)
 
-_MOMENTS: collections.OrderedDict = collections.OrderedDict()
-_MOMENTS_BYTES = [0]
+
+class _NodeTable:
+    """The node moments of one quadrature (`_Quadrature` at ``key``) for the (n1, n2) pairs
+    computed so far: their keys (`_pair_keys`, sorted) and tables (2, pairs, _N_RHO), filled
+    as calls ask for new pairs."""
+
+    __slots__ = ("key", "keys", "tables")
+
+    def __init__(self, key):
+        self.key = key
+        self.keys = np.empty(0, np.int64)
+        self.tables = np.empty((2, 0, _N_RHO))
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.tables.nbytes
+
+    def add(self, pairs, keys):
+        """Compute and store the node moments of new pairs (`keys` = ``_pair_keys(pairs)``)."""
+        merged = np.concatenate((self.keys, keys))
+        order = np.argsort(merged, kind="stable")
+        new = _quadrature(*self.key).node_moments(pairs)
+        self.keys, self.tables = merged[order], np.concatenate((self.tables, new), axis=1)[:, order]
+        self.tables.flags.writeable = False
 
 
-def _node_moments(key, pairs, pairs_bytes):
-    """``_quadrature(*key).node_moments(pairs)``, memoized on (key, pair set) in a cache of at
-    most _MOMENT_CACHE_BYTES (least recently used first out), so that a repeated call needs
-    no quadrature at all.  `pairs_bytes`: ``pairs.tobytes()``, made once per call of
-    `_analytic` (a bytes object hashes its content once; a causal 128-token pair set is 132 kB,
-    and a fresh one per lookup made the lookups cost a tenth of a warm prediction)."""
-    mkey = (key, pairs_bytes)
-    tables = _MOMENTS.get(mkey)
-    if tables is not None:
-        _MOMENTS.move_to_end(mkey)
-        return tables
-    tables = _quadrature(*key).node_moments(pairs)
-    _MOMENTS[mkey] = tables
-    _MOMENTS_BYTES[0] += tables.nbytes
-    while _MOMENTS_BYTES[0] > _MOMENT_CACHE_BYTES and len(_MOMENTS) > 1:
-        _, old = _MOMENTS.popitem(last=False)
-        _MOMENTS_BYTES[0] -= old.nbytes
-    return tables
+_NODE_TABLES: collections.OrderedDict = collections.OrderedDict()
+_NODE_TABLE_BYTES = [0]
+
+
+def _pair_keys(pairs):
+    """One int64 per (n1, n2) row of a float pair array, ordered as the rows are
+    lexicographically (sizes below 2^31)."""
+    return pairs[:, 0].astype(np.int64) << 31 | pairs[:, 1].astype(np.int64)
+
+
+def _node_moments(key, pairs, keys):
+    """The node moments of `pairs` at the quadrature `key` (`_Quadrature.node_moments`): the
+    tables of its `_NodeTable` (2, stored pairs, _N_RHO) and the position of each row of
+    `pairs` in them (None when they hold exactly `pairs`).  Only the pairs the table has not
+    met yet are computed; the tables of every key are kept within _MOMENT_CACHE_BYTES (least
+    recently used first out).  `keys`: ``_pair_keys(pairs)``, ascending.  A repeated call
+    reads the stored values bit for bit; the tables are replaced, not written, when pairs are
+    added."""
+    node = _NODE_TABLES.get(key)
+    if node is None:
+        node = _NODE_TABLES[key] = _NodeTable(key)
+    _NODE_TABLES.move_to_end(key)
+    if node.keys.size == keys.size and np.array_equal(node.keys, keys):
+        return node.tables, None
+    at = np.searchsorted(node.keys, keys)
+    found = at < node.keys.size
+    found[found] = node.keys[at[found]] == keys[found]
+    if not found.all():
+        before = node.nbytes
+        node.add(pairs[~found], keys[~found])
+        _NODE_TABLE_BYTES[0] += node.nbytes - before
+        at = np.searchsorted(node.keys, keys)
+        while _NODE_TABLE_BYTES[0] > _MOMENT_CACHE_BYTES and len(_NODE_TABLES) > 1:
+            _, old = _NODE_TABLES.popitem(last=False)
+            _NODE_TABLE_BYTES[0] -= old.nbytes
+    return node.tables, at
+
+
+def _subset(at, size):
+    """The distinct values of the indices `at` (into `size` rows), ascending, and each entry's
+    position among them (a presence table: no sort)."""
+    seen = np.zeros(size, bool)
+    seen[at] = True
+    return np.flatnonzero(seen), (np.cumsum(seen) - 1)[at]
 
 
 def _distinct_pairs(n1, n2):
@@ -577,8 +630,9 @@ def _analytic(n1, n2, sides, rho):
         n1b, n2b, buckets = a, b, (_bucket(a), _bucket(b))
     else:
         n1b, n2b = np.broadcast_to(n1, rho.shape), np.broadcast_to(n2, rho.shape)
-        # one pair set and one pair of size buckets for every group of this call, so that a
-        # grid variance's node moments serve every group, row and layer it appears in
+        # one pair index and one pair of size buckets (one quadrature per grid variance) for
+        # every group of this call; a group reads the node moments of its own pairs from its
+        # quadrature's table, which keeps them for the other rows and layers it meets
         many = n2b > 1  # the entries a group can hold (single-key rows keep uniform values)
         if many.any():
             pairs, at_many = _distinct_pairs(n1b[many], n2b[many])
@@ -591,7 +645,7 @@ def _analytic(n1, n2, sides, rho):
             return np.full(rho.shape, 1.0 / b), np.full(rho.shape, (1.0 - 1.0 / a) / b)
         return 1.0 / n2b, (1.0 - 1.0 / n1b) / n2b
 
-    pairs_bytes = pairs.tobytes() if fixed or many.any() else None
+    keys = _pair_keys(pairs) if fixed or many.any() else None
     out, jobs, ranges = [], {}, {}
     for v1, v2 in sides:
         res = [None, None]  # T1, Q: filled by the groups, uniform-limit values elsewhere
@@ -616,10 +670,17 @@ def _analytic(n1, n2, sides, rho):
                 ranges[key] = r, 0.0 if r.min() >= 0 else -1.0
             r, rho_lo = ranges[key]
             if fixed:
-                at = None
+                tables, at = _node_moments((g1, g2, *buckets, rho_lo), pairs, keys)
+                tables, at = (tables if at is None else tables[:, at]), None
             else:
                 a, b, at = n1b[sel], n2b[sel], at_all[sel]
-            tables = _node_moments((g1, g2, *buckets, rho_lo), pairs, pairs_bytes)
+                rows = slice(None)
+                if len(pairs) > _WHOLE_PAIR_SET:  # the group's own pairs
+                    rows, at = _subset(at, len(pairs))
+                tables, stored = _node_moments((g1, g2, *buckets, rho_lo), pairs[rows],
+                                               keys[rows])
+                if stored is not None:
+                    at = stored[at]
             jobs.setdefault((rho_lo, key), (sel, rho_lo, []))[2].append((res, sel, a, b, tables,
                                                                          at))
     weights = {}  # per rho range, over every entry (a group takes its columns)
