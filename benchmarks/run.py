@@ -354,7 +354,8 @@ def main(argv=None) -> dict:
         res["theory"] = collect_theory(child, theory_path, shape, with_10000,
                                        res["probe"]["float32"]["seconds_per_call"])
         res["theory_note"] = ("first call in a fresh process (cold caches) and fastest of 3 "
-                              "repeats (depth <= 2000), one CPU core of the host, other Arch "
+                              "repeats (none after a first call over 15 s), one CPU core of "
+                              "the host, other Arch "
                               "fields as the benchmark shape; depths 1000/10000 at seq_len 16, "
                               "12/48 at seq_len 128")
 

@@ -3,7 +3,8 @@
 Every configuration runs in its own Python process (``OPENBLAS_NUM_THREADS=1``, CPU-only JAX), so
 its first call starts from empty caches (the softmax quadratures, the activation tables) and
 no configuration warms another.  Per configuration: the first call, the fastest of `repeats`
-repeated calls (every cache filled: the cost of the kernel maps themselves), whether every
+repeated calls (every cache filled: the cost of the kernel maps themselves; none where the
+first call took over 15 s), whether every
 predicted norm is finite, and, where the performance issue sets one, the target and the ratios
 of the first call and the warm call to it (bidirectional Post-LN depth 48 at seq_len 128:
 50 ms; depth 10,000: 5 s).
@@ -32,12 +33,14 @@ CONFIGS = (
     (48, "pre", 128, "bidirectional"),
     (48, "post", 128, "causal"),
     (48, "pre", 128, "causal"),
+    (12, "pre", 512, "causal"),
     (1000, "post", 16, "bidirectional"),
     (10000, "post", 16, "bidirectional"),
     (10000, "pre", 16, "bidirectional"),
 )
 TARGET_SECONDS = {(48, 128): 0.05, (10000, 16): 5.0}
-NO_REPEAT_DEPTH = 2000  # deeper configurations are timed once (their first call)
+REPEAT_LIMIT_SECONDS = 15.0  # a configuration whose first call takes longer is timed once
+QUICK_MAX_DEPTH, QUICK_MAX_SEQ = 2000, 256  # --quick skips deeper or longer configurations
 
 
 def time_config(depth: int, placement: str, seq_len: int, mask: str, fields: dict,
@@ -53,6 +56,7 @@ def time_config(depth: int, placement: str, seq_len: int, mask: str, fields: dic
         return time.perf_counter() - t, profile
 
     first, profile = once()
+    repeats = repeats if first <= REPEAT_LIMIT_SECONDS else 0
     warm = min(once()[0] for _ in range(repeats)) if repeats else None
     finite = all(bool(np.all(np.isfinite(v))) for v in profile.grads.values())
     row = {"depth": depth, "placement": placement, "seq_len": seq_len, "mask": mask,
@@ -68,7 +72,6 @@ def time_config(depth: int, placement: str, seq_len: int, mask: str, fields: dic
 def time_in_fresh_process(depth: int, placement: str, seq_len: int, mask: str,
                           fields: dict | None = None, repeats: int = 3) -> dict:
     """`time_config` in a new CPU-only, single-threaded-BLAS Python process."""
-    repeats = 0 if depth > NO_REPEAT_DEPTH else repeats
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1"}
     spec = json.dumps([depth, placement, seq_len, mask, fields or {}, repeats])
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", spec], env=env,
@@ -92,7 +95,8 @@ def format_row(r: dict) -> str:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="skip the depth-10,000 configurations")
+    p.add_argument("--quick", action="store_true",
+                   help="skip the depth-10,000 and seq-512 configurations")
     p.add_argument("--out", default=None, help="save the rows as JSON")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     args = p.parse_args(argv)
@@ -101,7 +105,7 @@ def main(argv=None) -> list[dict]:
         return []
     rows = []
     for config in CONFIGS:
-        if args.quick and config[0] > NO_REPEAT_DEPTH:
+        if args.quick and (config[0] > QUICK_MAX_DEPTH or config[2] > QUICK_MAX_SEQ):
             continue
         rows.append(time_in_fresh_process(*config))
         print(format_row(rows[-1]), flush=True)
