@@ -173,13 +173,13 @@ def pair_expectations(name: str, q1, q2, c):
         np.divide(value, 2 * np.pi, out=value)
         return value, np.divide(rest, 2 * np.pi, out=rest)
     q_all = np.concatenate([q.ravel() for q in np.broadcast_arrays(q1, q2)])
-    spread = np.ptp(q_all) / np.max(q_all)
-    if spread > TAYLOR_SPREAD:
+    spread, top = np.ptp(q_all), np.max(q_all)
+    if not spread <= TAYLOR_SPREAD * top:  # NaN variances too: the quadrature reports them
         return _quadrature(name, q1, q2, rho)
     q = float(f"{np.mean(q_all):.9g}")
     grid, kf, kd = _table(name, q)
     kf, kd = np.interp(rho, grid, kf), np.interp(rho, grid, kd)
-    if spread <= EQUAL_SPREAD:
+    if spread <= EQUAL_SPREAD * top:  # all zero included
         return kf, kd
     a, b = q1 - q, q2 - q  # second order in the variances about their mean
     first, square, cross = a + b, 0.5 * (a * a + b * b), a * b
