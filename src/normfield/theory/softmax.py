@@ -59,7 +59,7 @@ tokens collapse: 142 quadratures instead of 898 at depth 48, seq 128).  Up to
 `_WHOLE_PAIR_SET` (2^15) distinct pairs in a call (causal rows up to 255 tokens) every
 group asks for the call's whole pair set, computed once per quadrature; above it a group
 asks only for the pairs its own entries hold, a few percent of the 131,328 pairs of a
-causal 512-token sequence (a Pre-LN depth-12 prediction at seq 512: 258 s -> 64 s).  Several
+causal 512-token sequence (a Pre-LN depth-12 prediction at seq 512: 258 s -> 59-65 s).  Several
 variances at the same n1, n2 and rho (`pair_moments_at`) share one set of rho
 interpolation weights.
 
@@ -441,7 +441,7 @@ class _Quadrature:
         (n1, n2) row of `pairs` (sorted by n1) at every rho node: one array
         (2, len(pairs), _N_RHO)."""
         pa, pb = pairs[:, 0], pairs[:, 1]
-        un1, ia = np.unique(pa, return_inverse=True)
+        un1 = np.unique(pa)
         ud, idd = np.unique(pb - pa, return_inverse=True)
         U = self._laplace_sums(un1)                                # (K, Y, N1, 5)
         E = np.exp(ud[:, None] * self.M[None, :])                  # (D, Y): psi^(n2-n1)
@@ -545,10 +545,8 @@ def _distinct_pairs(n1, n2):
         values, at = np.unique(key, return_inverse=True)
         at = at.ravel()
     else:
-        seen = np.zeros(hi - lo + 1, bool)
-        seen[key - lo] = True
-        values = np.flatnonzero(seen) + lo
-        at = (np.cumsum(seen) - 1)[key - lo]
+        values, at = _subset(key - lo, hi - lo + 1)
+        values += lo
     return np.stack(np.divmod(values, m), axis=1).astype(np.float64), at
 
 
